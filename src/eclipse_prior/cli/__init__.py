@@ -1,0 +1,58 @@
+"""The `eclipse-prior` command line: one module per sub-command in this package.
+
+Each command module defines ``register(subparsers)`` which adds its parser and sets ``func`` to a callable
+taking the parsed namespace and returning an exit code. Modules are imported lazily so `--help` stays fast
+and a failing optional dependency breaks only its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from eclipse_prior.errors import EclipsePriorError
+
+# command name -> module (in eclipse_prior.cli) that registers it
+COMMANDS: dict[str, str] = {
+    "embed": "embed",
+    "train": "train",
+    "evaluate": "evaluate",
+    "export": "export",
+    "generate": "generate",
+    "benchmark-images": "benchmark_images",
+    "shapes": "shapes",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eclipse-prior", description="Train, evaluate and run ECLIPSE text-to-image priors."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in dict.fromkeys(COMMANDS.values()):
+        try:
+            module = importlib.import_module(f"eclipse_prior.cli.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"eclipse_prior.cli.{module_name}":
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("eclipse-prior: interrupted", file=sys.stderr)
+        return 130
+    except (EclipsePriorError, FileNotFoundError, PermissionError) as err:
+        print(f"eclipse-prior {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,98 @@
+"""Dataclass configuration that a YAML file and command-line flags can both override.
+
+Precedence: dataclass defaults < YAML file < explicit flags. Every field of a config dataclass becomes a
+flag (``foo_bar`` -> ``--foo-bar``); a field's ``metadata={"help": ...}`` becomes the flag's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from eclipse_prior.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per dataclass field; defaults are None so that only explicit flags override."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        tp = _unwrap_optional(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            kwargs["type"] = type(typing.get_args(tp)[0])
+        elif origin in (list, tuple):
+            kwargs["nargs"] = "+"
+            kwargs["type"] = typing.get_args(tp)[0]
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            kwargs["type"] = str
+        parser.add_argument(flag, **kwargs)
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, yaml_path: str | Path | None = None) -> T:
+    """Resolve a config: defaults, then the YAML file, then flags given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of field: value")
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ConfigError(f"unknown field(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        values.update(loaded)
+    if args is not None:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None:
+                values[name] = value
+    hints = typing.get_type_hints(cls)
+    for name, value in list(values.items()):
+        tp = _unwrap_optional(hints[name])
+        if typing.get_origin(tp) in (list, tuple) and isinstance(value, tuple | list):
+            values[name] = list(value) if typing.get_origin(tp) is list else tuple(value)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, so a run records exactly what it used."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
