@@ -1,0 +1,236 @@
+"""Load a transformers CLIP (text + vision towers, tokenizer, image processor) from a hub id or a local folder.
+
+Two layouts are accepted because both are how CLIP ships for unCLIP: a full ``CLIPModel`` folder (what
+``CLIPModel.save_pretrained`` writes, e.g. ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``) and the Kandinsky prior
+layout with ``text_encoder/ tokenizer/ image_encoder/ image_processor/`` subfolders. Weights load through
+transformers (safetensors preferred), never with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from eclipse_prior.errors import ModelNotFoundError
+
+SUBFOLDERS = {
+    "text": "text_encoder",
+    "tokenizer": "tokenizer",
+    "vision": "image_encoder",
+    "processor": "image_processor",
+}
+
+
+@dataclass
+class ClipBundle:
+    """The pieces of one CLIP model that embedding, training and generation need, with its provenance."""
+
+    tokenizer: Any
+    text_model: Any  # CLIPTextModelWithProjection or None
+    vision_model: Any  # CLIPVisionModelWithProjection or None
+    image_processor: Any
+    name: str
+    revision: str
+    embed_dim: int
+    max_length: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def text_state_dim(self) -> int:
+        """Width D of the per-token text states (last_hidden_state)."""
+        return int(self.text_model.config.hidden_size)
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize padded to ``max_length``; ``truncated`` marks captions longer than the model's context."""
+        captions = list(captions)
+        full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        enc = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        truncated = torch.tensor([len(ids) > self.max_length for ids in full], dtype=torch.bool)
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "truncated": truncated,
+        }
+
+    @torch.inference_mode()
+    def encode_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_states: bool = False
+    ) -> dict[str, torch.Tensor | None]:
+        """Encode already tokenized text (lets data loaders tokenize in worker processes)."""
+        if self.text_model is None:
+            raise ModelNotFoundError(f"CLIP {self.name!r} was loaded without its text encoder (text=False)")
+        out = self.text_model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        )
+        return {
+            "text_embeds": out.text_embeds,
+            "text_states": out.last_hidden_state if with_states else None,
+            "text_mask": attention_mask.to(self.device).bool() if with_states else None,
+        }
+
+    def encode_text(
+        self, captions: Sequence[str], with_states: bool = False
+    ) -> dict[str, torch.Tensor | None]:
+        """Pooled projected ``text_embeds`` (B, E); with_states adds last_hidden_state (B, L, D) and its mask.
+
+        Tensors stay on the bundle's device in its dtype; ``truncated`` (B,) bool says which captions were cut.
+        """
+        tok = self.tokenize(captions)
+        out = self.encode_tokens(tok["input_ids"], tok["attention_mask"], with_states)
+        out["truncated"] = tok["truncated"]
+        return out
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize/crop/normalise PIL images into pixel values with the model's own image processor."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) projected image embeddings of preprocessed pixels: what unCLIP decoders expect."""
+        if self.vision_model is None:
+            raise ModelNotFoundError(
+                f"CLIP {self.name!r} was loaded without its image encoder (vision=False)"
+            )
+        out = self.vision_model(pixel_values=pixel_values.to(self.device, self.dtype))
+        return out.image_embeds
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Raw (unnormalised) image_embeds (B, E) of PIL images."""
+        return self.encode_pixels(self.preprocess_images(images))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Loading one tower from a full CLIPModel checkpoint reports the other tower's keys as unexpected: hide it."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _is_local(id_or_path: str) -> bool:
+    return os.path.isdir(id_or_path) or id_or_path.startswith((".", "/", "~"))
+
+
+def _not_found(id_or_path: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load CLIP model {id_or_path!r} ({why}); pass a local folder instead (--clip /path/to/clip): "
+        "a CLIPModel saved with save_pretrained plus tokenizer and image processor, or a Kandinsky prior folder "
+        "with text_encoder/ tokenizer/ image_encoder/ image_processor/"
+    )
+
+
+def _has_subfolder_layout(id_or_path: str, local: bool, local_files_only: bool) -> bool:
+    if local:
+        return (Path(id_or_path) / SUBFOLDERS["text"] / "config.json").is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(id_or_path, "model_index.json", local_files_only=local_files_only)
+        return True
+    except Exception:  # no model_index.json (a plain CLIPModel repo) or not reachable: try the root layout
+        return False
+
+
+def _revision(config: Any, local: bool) -> str:
+    commit = getattr(config, "_commit_hash", None)
+    return "local" if local or not commit else str(commit)
+
+
+def load_clip(
+    id_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    text: bool = True,
+    vision: bool = True,
+    local_files_only: bool | None = None,
+) -> ClipBundle:
+    """Load CLIP towers in eval mode; a model that is missing (or unreachable offline) is a one-line error."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    name = str(id_or_path)
+    local = _is_local(os.path.expanduser(name))
+    if local:
+        name = os.path.expanduser(name)
+        if not os.path.isdir(name):
+            raise _not_found(name, "no such folder")
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    kw: dict[str, Any] = {"local_files_only": local_files_only}
+    subfolders = _has_subfolder_layout(name, local, local_files_only)
+
+    def sub(part: str) -> dict[str, Any]:
+        return {"subfolder": SUBFOLDERS[part]} if subfolders else {}
+
+    try:
+        with _quiet_transformers():
+            if subfolders:
+                text_cfg = CLIPTextConfig.from_pretrained(name, **sub("text"), **kw)
+                vision_cfg = CLIPVisionConfig.from_pretrained(name, **sub("vision"), **kw) if vision else None
+            else:
+                # the towers' own configs inside a CLIPModel config may lack projection_dim: take the top-level one
+                full = CLIPConfig.from_pretrained(name, **kw)
+                text_cfg, vision_cfg = full.text_config, full.vision_config
+                text_cfg.projection_dim = vision_cfg.projection_dim = full.projection_dim
+                text_cfg._commit_hash = getattr(full, "_commit_hash", None)
+            tokenizer = AutoTokenizer.from_pretrained(name, **sub("tokenizer"), **kw) if text else None
+            text_model = (
+                CLIPTextModelWithProjection.from_pretrained(name, config=text_cfg, **sub("text"), **kw)
+                if text
+                else None
+            )
+            vision_model = (
+                CLIPVisionModelWithProjection.from_pretrained(name, config=vision_cfg, **sub("vision"), **kw)
+                if vision
+                else None
+            )
+            processor = AutoImageProcessor.from_pretrained(name, **sub("processor"), **kw) if vision else None
+    except (OSError, ValueError) as err:
+        raise _not_found(name, str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+    models = [m for m in (text_model, vision_model) if m is not None]
+    for m in models:
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    embed_dim = int(text_cfg.projection_dim if text else vision_cfg.projection_dim)
+    max_pos = int(text_cfg.max_position_embeddings)
+    tok_max = (
+        int(getattr(tokenizer, "model_max_length", max_pos) or max_pos) if tokenizer is not None else max_pos
+    )
+    return ClipBundle(
+        tokenizer=tokenizer,
+        text_model=text_model,
+        vision_model=vision_model,
+        image_processor=processor,
+        name=str(id_or_path),
+        revision=_revision(text_cfg if text else vision_cfg, local),
+        embed_dim=embed_dim,
+        max_length=min(tok_max, max_pos),
+        device=torch.device(device),
+        dtype=dtype,
+    )
