@@ -1,0 +1,185 @@
+"""Prior networks: released layout, presets, masking, round trips, diffusion sampling, loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import PriorTransformer
+from safetensors.torch import save_file
+
+from eclipse_prior.errors import ConfigError
+from eclipse_prior.models import PRESETS, EclipsePrior
+
+# The config.json published with ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior (fields and values).
+RELEASED_KANDINSKY_CONFIG = {
+    "_class_name": "PriorTransformer",
+    "_diffusers_version": "0.20.2",
+    "added_emb_type": "prd",
+    "additional_embeddings": 3,
+    "attention_head_dim": 32,
+    "clip_embed_dim": None,
+    "dropout": 0.0,
+    "embedding_dim": 1280,
+    "embedding_proj_dim": None,
+    "embedding_proj_norm_type": None,
+    "encoder_hid_proj_type": "linear",
+    "norm_in_type": None,
+    "num_attention_heads": 16,
+    "num_embeddings": 77,
+    "num_layers": 10,
+}
+
+
+def _inputs(model, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    e, n = model.config.embedding_dim, model.config.num_embeddings
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[:, n // 2 :] = False
+    return {
+        "hidden_states": torch.randn(batch, e, generator=g),
+        "proj_embedding": torch.randn(batch, e, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n, e, generator=g) if n else None,
+        "attention_mask": mask if n else None,
+    }
+
+
+def _released_keys(**cfg) -> set[str]:
+    """The released checkpoint's keys: diffusers PriorTransformer minus its time embedding."""
+    keys = PriorTransformer(**cfg).state_dict().keys()
+    return {k for k in keys if not k.startswith(("time_proj.", "time_embedding."))}
+
+
+@pytest.mark.parametrize("name,count", [("kandinsky22", 34_193_152), ("karlo", 33_143_040)])
+def test_released_parameter_counts_and_keys(name, count):
+    model = EclipsePrior.from_preset(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+    cfg = {k: model.config[k] for k in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim")}
+    assert set(model.state_dict()) == _released_keys(**cfg, num_embeddings=77, additional_embeddings=3)
+    assert {k: model.config[k] for k in RELEASED_KANDINSKY_CONFIG if not k.startswith("_")} == {
+        **{k: v for k, v in RELEASED_KANDINSKY_CONFIG.items() if not k.startswith("_")},
+        "embedding_dim": PRESETS[name].embedding_dim,
+    }
+
+
+def test_config_fields_are_exactly_the_released_ones():
+    fields = {k for k in EclipsePrior.from_preset("tiny").config if not k.startswith("_")}
+    assert fields == {k for k in RELEASED_KANDINSKY_CONFIG if not k.startswith("_")}
+
+
+def test_clip_stats_are_frozen_and_unused():
+    model = EclipsePrior.from_preset("tiny")
+    assert not model.clip_mean.requires_grad and not model.clip_std.requires_grad
+    x = _inputs(model)
+    out = model(**x).predicted_image_embedding
+    with torch.no_grad():
+        model.clip_mean.fill_(5.0)
+        model.clip_std.fill_(3.0)
+    assert torch.equal(out, model(**x).predicted_image_embedding)
+    out.sum().backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_presets_errors():
+    with pytest.raises(ConfigError, match="1280.*768|768.*1280"):
+        EclipsePrior.from_preset("kandinsky22", embedding_dim=768)
+    with pytest.raises(ConfigError, match="kandinsky22.*karlo.*small.*tiny"):
+        EclipsePrior.from_preset("huge")
+    small = EclipsePrior.from_preset("small", embedding_dim=64, num_embeddings=16)
+    assert 1_000_000 <= small.num_parameters() <= 2_000_000
+    assert 50_000 <= EclipsePrior.from_preset("tiny").num_parameters() <= 150_000
+    assert EclipsePrior.from_preset("karlo", embedding_dim=768).config.embedding_dim == 768
+
+
+def test_padding_mask_hides_padded_tokens():
+    model = EclipsePrior.from_preset("tiny").eval()
+    x = _inputs(model)
+    base = model(**x).predicted_image_embedding
+    padded = dict(x, encoder_hidden_states=x["encoder_hidden_states"].clone())
+    padded["encoder_hidden_states"][:, -1] += 10.0  # a padded position
+    torch.testing.assert_close(model(**padded).predicted_image_embedding, base, rtol=0, atol=1e-6)
+    visible = dict(x, encoder_hidden_states=x["encoder_hidden_states"].clone())
+    visible["encoder_hidden_states"][:, 0] += 10.0  # a real token
+    assert not torch.allclose(model(**visible).predicted_image_embedding, base, atol=1e-3)
+
+
+def test_causal_mask_is_applied():
+    """Token k only sees tokens <= k: changing the last text token leaves earlier token outputs unchanged."""
+    model = EclipsePrior.from_preset("tiny").eval()
+    x = _inputs(model)
+    x["attention_mask"] = None
+    seen = []
+    hook = model.transformer_blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    model(**x)
+    changed = dict(x, encoder_hidden_states=x["encoder_hidden_states"].clone())
+    changed["encoder_hidden_states"][:, -1] += 10.0
+    model(**changed)
+    hook.remove()
+    n = model.config.num_embeddings
+    torch.testing.assert_close(seen[0][:, : n - 1], seen[1][:, : n - 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(seen[0][:, n:], seen[1][:, n:], atol=1e-3)
+
+
+def test_pooled_only_forward_and_uniform_methods():
+    model = EclipsePrior.from_preset("tiny", embedding_dim=16, pooled_only=True)
+    assert not model.uses_text_states
+    assert model.config.num_embeddings == 0 and model.config.encoder_hid_proj_type is None
+    assert "encoder_hidden_states_proj.weight" not in model.state_dict()
+    text = torch.randn(4, 16)
+    out = model(torch.randn(4, 16), text).predicted_image_embedding
+    assert out.shape == (4, 16)
+    # The uniform methods ignore text states a pooled-only model cannot use; forward refuses them.
+    states = torch.randn(4, 8, 16)
+    g = torch.Generator().manual_seed(0)
+    a = model.training_prediction(torch.randn(4, 16), text, states, None, generator=g)
+    b = model.generate_embeds(text, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.detach(), b)
+    with pytest.raises(ConfigError, match="pooled-only"):
+        model(torch.randn(4, 16), text, states)
+
+
+def test_eclipse_uniform_methods_are_seeded():
+    model = EclipsePrior.from_preset("tiny").eval()
+    x = _inputs(model)
+    args = (x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])
+    a = model.generate_embeds(*args, generator=torch.Generator().manual_seed(1))
+    b = model.generate_embeds(*args, generator=torch.Generator().manual_seed(1))
+    c = model.generate_embeds(*args, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    assert a.shape == (3, model.config.embedding_dim)
+    with pytest.raises(ConfigError, match="text states"):
+        model(x["hidden_states"], x["proj_embedding"])
+
+
+def test_eclipse_round_trip(tmp_path):
+    model = EclipsePrior.from_preset("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").exists()
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["_class_name"] == "EclipsePrior"
+    loaded = EclipsePrior.from_pretrained(tmp_path / "m", use_safetensors=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    assert not loaded.clip_mean.requires_grad
+    x = _inputs(model)
+    torch.testing.assert_close(loaded(**x).predicted_image_embedding, model(**x).predicted_image_embedding)
+
+
+def test_loads_the_released_folder_layout(tmp_path):
+    """A folder shaped like the hub release (`_class_name: PriorTransformer`, old diffusers) loads strictly."""
+    cfg = dict(RELEASED_KANDINSKY_CONFIG, num_layers=1, embedding_dim=32, num_embeddings=8)
+    src = EclipsePrior(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    folder = tmp_path / "released"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    model, info = EclipsePrior.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
