@@ -9,8 +9,8 @@ import torch
 from diffusers import PriorTransformer
 from safetensors.torch import save_file
 
-from eclipse_prior.errors import ConfigError
-from eclipse_prior.models import PRESETS, EclipsePrior
+from eclipse_prior.errors import ConfigError, ModelNotFoundError
+from eclipse_prior.models import PRESETS, DiffusionPrior, EclipsePrior, load_prior
 
 # The config.json published with ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior (fields and values).
 RELEASED_KANDINSKY_CONFIG = {
@@ -183,3 +183,111 @@ def test_loads_the_released_folder_layout(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for k, v in src.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_diffusion_prior_is_diffusers_prior_transformer():
+    """Same keys and same outputs as diffusers' PriorTransformer: checks the shared token sequence and masks."""
+    model = DiffusionPrior.from_preset("tiny").eval()
+    init_keys = PriorTransformer._get_init_keys(PriorTransformer)
+    ref = PriorTransformer(**{k: v for k, v in model.config.items() if k in init_keys}).eval()
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(model.state_dict())
+    x = _inputs(model)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(
+        model(x["hidden_states"], t, x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])[0],
+        ref(x["hidden_states"], t, x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])[0],
+    )
+    assert not model.clip_mean.requires_grad and not model.clip_std.requires_grad
+
+
+def test_diffusion_training_prediction_reproducible_and_drops_condition():
+    model = DiffusionPrior.from_preset("tiny")
+    x = _inputs(model)
+    img = torch.randn(3, model.config.embedding_dim)
+    args = (img, x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])
+    a = model.training_prediction(*args, generator=torch.Generator().manual_seed(0))
+    b = model.training_prediction(*args, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a.pow(2).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # With every condition dropped, the caption no longer matters.
+    model.register_to_config(cond_drop_prob=1.0)
+    other = (img, torch.randn_like(x["proj_embedding"]), torch.randn_like(x["encoder_hidden_states"]), None)
+    c = model.training_prediction(*args, generator=torch.Generator().manual_seed(0))
+    d = model.training_prediction(*other, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(c, d, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooled_only", [False, True])
+def test_diffusion_sampling_seeded_and_guided(pooled_only):
+    model = DiffusionPrior.from_preset("tiny", pooled_only=pooled_only).eval()
+    x = _inputs(model, batch=2)
+    args = (x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])
+
+    def sample(seed, guidance, steps=5):
+        return model.generate_embeds(
+            *args, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, guidance_scale=guidance
+        )
+
+    a = sample(0, 4.0)
+    assert a.shape == (2, model.config.embedding_dim) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, sample(0, 4.0), rtol=0, atol=0)
+    assert not torch.allclose(a, sample(1, 4.0))
+    assert not torch.allclose(a, sample(0, 1.0), atol=1e-4)
+    assert sample(0, 1.0, steps=3).shape == a.shape
+
+
+def test_load_prior_run_dir_and_export_folder(tmp_path):
+    eclipse = EclipsePrior.from_preset("tiny")
+    eclipse.save_pretrained(tmp_path / "run" / "prior")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    loaded = load_prior(tmp_path / "run")
+    assert type(loaded) is EclipsePrior and not loaded.training
+    for k, v in eclipse.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+
+    diffusion = DiffusionPrior.from_preset("tiny", pooled_only=True)
+    diffusion.save_pretrained(tmp_path / "export")
+    loaded = load_prior(str(tmp_path / "export"))
+    assert type(loaded) is DiffusionPrior and not loaded.uses_text_states
+    for k, v in diffusion.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_load_prior_released_config_and_strictness(tmp_path):
+    cfg = dict(RELEASED_KANDINSKY_CONFIG, num_layers=1, embedding_dim=32, num_embeddings=8)
+    src = EclipsePrior(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    folder = tmp_path / "released"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    assert type(load_prior(folder)) is EclipsePrior
+
+    del state["prd_embedding"]
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ConfigError, match="prd_embedding"):
+        load_prior(folder)
+
+    # Kandinsky's own diffusion PriorTransformer is refused with a clear message.
+    (folder / "config.json").write_text(json.dumps(dict(cfg, time_embed_act_fn="silu", time_embed_dim=None)))
+    with pytest.raises(ConfigError, match="time embedding"):
+        load_prior(folder)
+
+
+def test_load_prior_missing_models(tmp_path):
+    with pytest.raises(ModelNotFoundError) as err:
+        load_prior("eclipse-prior-tests/no-such-prior", local_files_only=True)
+    msg = str(err.value)
+    assert "eclipse-prior-tests/no-such-prior" in msg and "local folder path" in msg and "\n" not in msg
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_prior(tmp_path / "missing" / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_prior(tmp_path / "empty")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"_class_name": "EclipsePrior"}))
+    (tmp_path / "pickled" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_prior(tmp_path / "pickled")
