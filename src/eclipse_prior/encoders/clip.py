@@ -28,6 +28,20 @@ SUBFOLDERS = {
 }
 
 
+def tokenize(tokenizer: Any, captions: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask padded to max_length, plus ``truncated`` (B,) for over-long captions.
+
+    A free function (not a method) so data-loader workers can tokenize with just the picklable tokenizer.
+    """
+    captions = list(captions)
+    full = tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+    enc = tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    truncated = torch.tensor([len(ids) > max_length for ids in full], dtype=torch.bool)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "truncated": truncated}
+
+
 @dataclass
 class ClipBundle:
     """The pieces of one CLIP model that embedding, training and generation need, with its provenance."""
@@ -50,17 +64,7 @@ class ClipBundle:
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize padded to ``max_length``; ``truncated`` marks captions longer than the model's context."""
-        captions = list(captions)
-        full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
-        enc = self.tokenizer(
-            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
-        truncated = torch.tensor([len(ids) > self.max_length for ids in full], dtype=torch.bool)
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "truncated": truncated,
-        }
+        return tokenize(self.tokenizer, captions, self.max_length)
 
     @torch.inference_mode()
     def encode_tokens(
@@ -217,7 +221,7 @@ def load_clip(
     models = [m for m in (text_model, vision_model) if m is not None]
     for m in models:
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    embed_dim = int(text_cfg.projection_dim if text else vision_cfg.projection_dim)
+    embed_dim = int(text_cfg.projection_dim)
     max_pos = int(text_cfg.max_position_embeddings)
     tok_max = (
         int(getattr(tokenizer, "model_max_length", max_pos) or max_pos) if tokenizer is not None else max_pos
@@ -228,7 +232,7 @@ def load_clip(
         vision_model=vision_model,
         image_processor=processor,
         name=str(id_or_path),
-        revision=_revision(text_cfg if text else vision_cfg, local),
+        revision=_revision(text_cfg, local),
         embed_dim=embed_dim,
         max_length=min(tok_max, max_pos),
         device=torch.device(device),

@@ -1,0 +1,388 @@
+"""``embed``: turn an image-text source into an embedding store with a frozen CLIP, once, resumably, in parallel.
+
+Decoding, resizing and tokenizing run in DataLoader worker processes while the main process only runs the CLIP
+forward passes, so throughput approaches the encoder's own. Each source unit becomes one shard, written
+atomically; a rerun skips finished shards, and because units and batches depend only on the source, a resumed
+run and an N-process run (``torchrun`` / ``accelerate launch``: rank r takes units r, r+N, ...) write the same
+store as one uninterrupted process. Rank 0 writes the manifest once every shard exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from eclipse_prior.data.sources import Record, Source, Unit, load_image, open_source
+from eclipse_prior.data.store import DTYPES, StoreWriter, merge_counts, store_settings
+from eclipse_prior.encoders.clip import ClipBundle, load_clip, tokenize
+from eclipse_prior.errors import ConfigError, StoreError
+
+DEFAULT_SHARD_SIZE = 10_000
+SHARD_BYTES_TARGET = 1 << 30  # with text states, shrink the default shard so one shard buffers in ~1 GiB
+ENCODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def row_bytes(embed_dim: int, dtype: str, seq_len: int | None = None, state_dim: int | None = None) -> int:
+    """Bytes one store row takes on disk (vectors, hashes; per-token states and mask when given)."""
+    size = np.dtype(DTYPES[dtype]).itemsize
+    total = 2 * embed_dim * size + 16
+    if seq_len:
+        total += seq_len * (state_dim or 0) * size + seq_len
+    return total
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _UnitBatches(IterableDataset):
+    """Yields ready-to-encode batches; each worker owns whole units, so batches never straddle shards."""
+
+    def __init__(
+        self,
+        source: Source,
+        units: list[Unit],
+        batch_size: int,
+        tokenizer: Any,
+        max_length: int,
+        image_processor: Any,
+    ) -> None:
+        self.source, self.units, self.batch_size = source, units, batch_size
+        self.tokenizer, self.max_length, self.image_processor = tokenizer, max_length, image_processor
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for unit in self.units[wid::nw]:
+            yield from self._unit(unit)
+
+    def _unit(self, unit: Unit) -> Iterator[dict[str, Any]]:
+        records: list[Record] = []
+        images: list[Any] = []
+        seen = 0
+        for rec in self.source.records(unit):
+            seen += 1
+            if not rec.caption:
+                unit.skipped["empty_caption"] += 1
+                continue
+            if not self.source.precomputed:
+                try:
+                    images.append(load_image(rec.payload))
+                except Exception:  # any decoder failure means the same thing: this image cannot be used
+                    unit.skipped["unreadable_image"] += 1
+                    continue
+            records.append(rec)
+            if len(records) == self.batch_size:
+                yield self._batch(unit, records, images, seen, final=False)
+                records, images, seen = [], [], 0
+        yield self._batch(unit, records, images, seen, final=True)
+
+    def _batch(
+        self, unit: Unit, records: list[Record], images: list, seen: int, final: bool
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"unit": unit.index, "final": final, "seen": seen}
+        if final:
+            out["skipped"] = dict(unit.skipped)
+        if images:
+            try:
+                rgb = images
+                out["pixel_values"] = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+            except Exception:  # one odd image broke the batch call: redo one by one, dropping the bad ones
+                keep, pix = [], []
+                for rec, im in zip(records, images, strict=True):
+                    try:
+                        pix.append(self.image_processor(images=[im], return_tensors="pt")["pixel_values"])
+                        keep.append(rec)
+                    except Exception:
+                        unit.skipped["unreadable_image"] += 1
+                        if final:
+                            out["skipped"] = dict(unit.skipped)
+                records = keep
+                out["pixel_values"] = torch.cat(pix) if pix else None
+        if records and self.source.precomputed:
+            for key in records[0].payload:
+                out[key] = np.stack([r.payload[key] for r in records])
+        if records and self.tokenizer is not None:
+            out.update(tokenize(self.tokenizer, [r.caption for r in records], self.max_length))
+        out["meta"] = [{"id": r.id, "caption": r.caption, "source": r.source} for r in records]
+        return out
+
+
+class _ShardBuffer:
+    """Collects one unit's encoded rows (already in the store dtype) until the unit's last batch arrives."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.meta: list[dict[str, str]] = []
+        self.seen = 0
+        self.truncated = 0
+        self.skipped: Counter = Counter()
+
+    def add(self, arrays: dict[str, np.ndarray], meta: list[dict[str, str]]) -> None:
+        for k, v in arrays.items():
+            self.parts.setdefault(k, []).append(v)
+        self.meta.extend(meta)
+
+    def arrays(self, keys: tuple[str, ...], empty: dict[str, tuple]) -> dict[str, np.ndarray]:
+        return {
+            k: np.concatenate(self.parts[k]) if k in self.parts else np.zeros((0, *empty[k])) for k in keys
+        }
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device from torchrun / accelerate launch (single process when not launched)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.device
+
+
+def embed(
+    source: str | os.PathLike,
+    clip: str | os.PathLike | ClipBundle,
+    out: str | os.PathLike,
+    *,
+    text_states: bool = False,
+    dtype: str = "fp16",
+    batch_size: int = 64,
+    shard_size: int | None = None,
+    val_fraction: float = 0.05,
+    num_workers: int = 2,
+    device: str | None = None,
+    encoder_dtype: str = "fp32",
+    command: str | None = None,
+    progress: bool = True,
+    local_files_only: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Embed SOURCE with CLIP into the store ``out`` (resuming it if a previous run was interrupted)."""
+    if dtype not in ("fp16", "fp32"):
+        raise ConfigError(f"--dtype must be fp16 or fp32, not {dtype!r}")
+    if encoder_dtype not in ENCODER_DTYPES:
+        raise ConfigError(
+            f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, not {encoder_dtype!r}"
+        )
+    if batch_size < 1 or (shard_size is not None and shard_size < 1):
+        raise ConfigError("--batch-size and --shard-size must be positive")
+    rank, world, auto_device = _distributed()
+    dev = torch.device(device) if device else auto_device
+    # peek at the source type first: clip-retrieval needs no image tower, and text only for token states
+    probe = open_source(source, shard_size or DEFAULT_SHARD_SIZE)
+    need_vision = not probe.precomputed
+    need_text = not probe.precomputed or text_states or not getattr(probe, "has_text", True)
+    if isinstance(clip, ClipBundle):
+        bundle = clip
+    else:
+        bundle = load_clip(
+            clip,
+            device=dev,
+            dtype=ENCODER_DTYPES[encoder_dtype],
+            text=need_text,
+            vision=need_vision,
+            local_files_only=local_files_only,
+        )
+    seq_len = bundle.max_length if text_states else None
+    state_dim = bundle.text_model.config.hidden_size if text_states else None
+    per_row = row_bytes(bundle.embed_dim, dtype, seq_len, state_dim)
+    if shard_size is None:
+        shard_size = max(256, min(DEFAULT_SHARD_SIZE, SHARD_BYTES_TARGET // per_row))
+    if hasattr(probe, "shard_size"):
+        probe.shard_size = shard_size
+    src = probe
+    if src.precomputed and getattr(src, "dim", bundle.embed_dim) != bundle.embed_dim:
+        raise ConfigError(
+            f"clip-retrieval vectors in {source} are {src.dim}-d but CLIP {bundle.name!r} embeds to {bundle.embed_dim}-d"
+        )
+    units = src.units()
+    settings = store_settings(
+        clip_id=bundle.name,
+        clip_revision=bundle.revision,
+        image_dim=bundle.embed_dim,
+        text_dim=bundle.embed_dim,
+        normalized=src.normalized,
+        dtype=dtype,
+        text_seq_len=seq_len,
+        text_state_dim=state_dim,
+        val_fraction=val_fraction,
+        source=src.describe(),
+        shard_size=shard_size,
+    )
+    writer = StoreWriter(out, settings, rank=rank)
+    if writer.complete:
+        if rank == 0:
+            log(f"store {out} is already complete ({len(units)} shards); nothing to do")
+        return Path(out)
+    if rank == 0:
+        _print_estimate(units, per_row, seq_len, state_dim, dtype, log)
+    mine = [u for u in units if u.index % world == rank and not writer.done(u.index)]
+    done_before = sum(writer.done(u.index) for u in units if u.index % world == rank)
+    if done_before and rank == 0:
+        log(f"resuming: {done_before} shard(s) already written, {len(mine)} to go (rank 0)")
+    _run_units(src, mine, bundle, writer, text_states, batch_size, num_workers, dev, progress and rank == 0)
+    if rank != 0:
+        return Path(out)
+    _wait_for_shards(writer, len(units), log)
+    manifest = writer.finalize(len(units), {"command": command, "world_size": world})
+    _print_summary(manifest, log)
+    return Path(out)
+
+
+def _print_estimate(units: list[Unit], per_row: int, seq_len, state_dim, dtype: str, log) -> None:
+    known = [u.size for u in units if u.size is not None]
+    n = sum(known)
+    note = "" if len(known) == len(units) else f" (+ {len(units) - len(known)} shard(s) of unknown size)"
+    msg = f"estimated store size: {n} rows x {per_row} B = {format_bytes(n * per_row)}{note}"
+    if seq_len:
+        size = np.dtype(DTYPES[dtype]).itemsize
+        msg += (
+            f"; text states alone: {n} x {seq_len} x {state_dim} x {size} B = "
+            f"{format_bytes(n * seq_len * state_dim * size)}"
+        )
+    log(msg)
+
+
+def _run_units(
+    src: Source,
+    units: list[Unit],
+    bundle: ClipBundle,
+    writer: StoreWriter,
+    text_states: bool,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    show: bool,
+) -> None:
+    if not units:
+        return
+    from tqdm.auto import tqdm
+
+    precomputed = src.precomputed
+    has_text_vectors = precomputed and getattr(src, "has_text", False)
+    tokenize_text = not has_text_vectors or text_states
+    dataset = _UnitBatches(
+        src,
+        units,
+        batch_size,
+        bundle.tokenizer if tokenize_text else None,
+        bundle.max_length,
+        None if precomputed else bundle.image_processor,
+    )
+    workers = min(num_workers, len(units))
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=device.type == "cuda",
+        in_order=False,  # a slow unit (e.g. a remote tar) must not stall the others
+        prefetch_factor=4 if workers else None,
+    )
+    keys = ("image_embeds", "text_embeds") + (("text_states", "text_mask") if text_states else ())
+    store_dtype = np.dtype(writer.settings["dtype"])
+    d, L, D = bundle.embed_dim, bundle.max_length, writer.settings.get("text_state_dim")
+    empty = {"image_embeds": (d,), "text_embeds": (d,), "text_states": (L, D), "text_mask": (L,)}
+    total = sum(u.size for u in units) if all(u.size is not None for u in units) else None
+    buffers: dict[int, _ShardBuffer] = {}
+    with tqdm(total=total, unit="item", disable=not show, dynamic_ncols=True, desc="embed") as bar:
+        for batch in loader:
+            buf = buffers.setdefault(batch["unit"], _ShardBuffer())
+            buf.seen += batch["seen"]
+            if batch["meta"]:
+                arrays = _encode(batch, bundle, text_states, precomputed, has_text_vectors, src.normalized)
+                finite = np.ones(len(batch["meta"]), dtype=bool)
+                for k, v in arrays.items():
+                    if k != "text_mask":
+                        finite &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+                buf.skipped["nonfinite_embedding"] += int((~finite).sum())
+                buf.truncated += (
+                    int(batch["truncated"][torch.from_numpy(finite)].sum()) if "truncated" in batch else 0
+                )
+                stored = {
+                    k: v[finite].astype(bool if k == "text_mask" else store_dtype) for k, v in arrays.items()
+                }
+                buf.add(stored, [m for m, ok in zip(batch["meta"], finite, strict=True) if ok])
+            bar.update(batch["seen"])
+            if batch["final"]:
+                skipped = merge_counts(
+                    dict(batch.get("skipped", {})), {k: v for k, v in buf.skipped.items() if v}
+                )
+                summary = {"seen": buf.seen, "skipped": skipped, "truncated_captions": buf.truncated}
+                writer.write_shard(batch["unit"], buf.arrays(keys, empty), buf.meta, summary)
+                del buffers[batch["unit"]]
+    if buffers:  # a worker died without finishing its units
+        raise StoreError(f"embed stopped before finishing shard(s) {sorted(buffers)}; rerun to resume")
+
+
+def _encode(
+    batch: dict[str, Any],
+    bundle: ClipBundle,
+    text_states: bool,
+    precomputed: bool,
+    has_text_vectors: bool,
+    normalized: bool,
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if precomputed:
+        out["image_embeds"] = batch["image_embeds"].astype(np.float32)
+    else:
+        out["image_embeds"] = bundle.encode_pixels(batch["pixel_values"]).float().cpu().numpy()
+    if has_text_vectors:
+        out["text_embeds"] = batch["text_embeds"].astype(np.float32)
+    if "input_ids" in batch:
+        enc = bundle.encode_tokens(batch["input_ids"], batch["attention_mask"], with_states=text_states)
+        if not has_text_vectors:
+            text = enc["text_embeds"].float()
+            if normalized:  # match the source's L2-normalised image vectors: never mix the two conventions
+                text = torch.nn.functional.normalize(text, dim=-1)
+            out["text_embeds"] = text.cpu().numpy()
+        if text_states:
+            out["text_states"] = enc["text_states"].float().cpu().numpy()
+            out["text_mask"] = enc["text_mask"].cpu().numpy()
+    return out
+
+
+def _wait_for_shards(writer: StoreWriter, num_shards: int, log: Callable[[str], None]) -> None:
+    """Rank 0 waits (on the file system, no collective timeout) until the other ranks' shards exist."""
+    announced = False
+    while not all(writer.done(i) for i in range(num_shards)):
+        if not announced:
+            log("waiting for the other processes' shards...")
+            announced = True
+        time.sleep(1.0)
+
+
+def _print_summary(manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+    s = manifest["summary"]
+    skipped = s.get("skipped", {})
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()) if v) or "none"
+    log(
+        f"store: {manifest['num_rows']} rows in {len(manifest['shards'])} shard(s), dtype {manifest['dtype']}, "
+        f"normalized={str(manifest['normalized']).lower()}; seen {s.get('seen', 0)}, skipped: {parts}; "
+        f"truncated captions: {s.get('truncated_captions', 0)}"
+    )
+    if manifest["normalized"]:
+        log(
+            "note: these vectors are L2-normalised (clip-retrieval); unCLIP decoders expect raw CLIP embeddings, "
+            "so training on this store needs an explicit opt-in"
+        )
