@@ -1,0 +1,21 @@
+"""`eclipse-prior export RUN_DIR --out DIR`: the run's prior in the released diffusers layout + a model card."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a training run as a diffusers prior folder with a model card")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
+    p.add_argument("--out", required=True, help="export folder (config.json + safetensors + README.md)")
+    p.add_argument("--no-ema", action="store_true", help="export the last checkpoint's raw weights, not the EMA")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eclipse_prior.export import export_run
+
+    out = export_run(args.run_dir, args.out, use_ema=not args.no_ema)
+    print(f"exported {args.run_dir} -> {out} ({'raw' if args.no_ema else 'EMA'} weights)")
+    return 0

@@ -1,0 +1,592 @@
+"""The image benchmark runner: generate once (cached), score like T2I-CompBench, aggregate with uncertainty.
+
+Stages, each resumable:
+1. Generation. Every (prior, category, prompt, image) gets a PNG and a JSON sidecar under
+   ``out/images/<prior>/<category>/``. Image ``j`` of every prompt uses seed ``seed + j`` for every prior, so priors are
+   compared on the same prompts and seeds. An image whose PNG and sidecar exist and whose recorded request (prior,
+   decoder, CLIP, prompt, seed, generation settings) equals the current one is reused, never regenerated.
+2. Scoring. Per category as T2I-CompBench: BLIP-VQA product for colour/shape/texture, the detector rule for spatial,
+   CLIPScore for non-spatial (and any other prompt file), the 3-in-1 mean for complex; PickScore for preference when
+   two or more priors are compared; DINOv2 (and optionally Inception) Frechet distance to a reference folder.
+   Per-image scores go to ``out/scores.jsonl``; a rerun reuses a record whose image hash and scorer settings match.
+3. Aggregation: per category and prior the mean with a prompt-level bootstrap 95% interval, the PickScore win-rate
+   matrix, the paper's numbers for the decoder, written to ``out/results.json`` and ``out/summary.txt``.
+
+Generation goes through a callable ``(prior, prompt, seed) -> (PIL image, sidecar dict)``, so the cache and the
+scoring can run with any generator; :func:`pipeline_generator` is the one backed by ``eclipse_prior.pipelines``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from eclipse_prior.errors import ConfigError
+from eclipse_prior.evaluation import compbench, frechet, paper_numbers, scorers, stats
+
+Generator = Callable[[str, str, int], tuple[Image.Image, dict[str, Any]]]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on; the generation part keys the image cache."""
+
+    priors: list[str]
+    decoder: str
+    prompts: list[str]
+    out: str
+    clip: str | None = None
+    images_per_prompt: int = 10
+    seed: int = 0
+    max_prompts: int | None = None
+    categories: list[str] | None = None
+    # generation settings (passed to the pipelines; recorded in every sidecar)
+    steps: int | None = None
+    guidance: float | None = None
+    prior_steps: int | None = None
+    prior_guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    # scorers
+    vqa_model: str = scorers.DEFAULT_VQA_MODEL
+    detector_model: str = scorers.DEFAULT_DETECTOR_MODEL
+    clipscore_model: str = scorers.DEFAULT_CLIPSCORE_MODEL
+    pickscore_model: str = scorers.DEFAULT_PICKSCORE_MODEL
+    pickscore_processor: str = scorers.DEFAULT_PICKSCORE_PROCESSOR
+    dino_model: str = scorers.DEFAULT_DINO_MODEL
+    reference_images: str | None = None
+    detection_threshold: float = 0.1
+    spatial_confidence_weighting: bool = False
+    noun_phrases: str = "auto"
+    inception: bool = True
+    bootstrap_resamples: int = 1000
+    batch_size: int = 8
+
+    def generation_settings(self) -> dict[str, Any]:
+        keys = ("steps", "guidance", "prior_steps", "prior_guidance", "height", "width", "dtype")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class ImageItem:
+    """One image of the benchmark: who made it, from which prompt and seed, and where it lives."""
+
+    prior: str  # label
+    prior_spec: str
+    category: str
+    prompt_index: int
+    prompt: str
+    image_index: int
+    seed: int
+    path: Path
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.prior, self.category, self.prompt_index, self.image_index)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+# ------------------------------------------------------------------------------------------------- planning, cache
+def prior_labels(specs: Sequence[str]) -> dict[str, str]:
+    """Short unique folder names for priors: ``NAME=PATH`` names it, else the path's or hub id's last part."""
+    labels: dict[str, str] = {}
+    for spec in specs:
+        if "=" in spec and "/" not in spec.split("=", 1)[0]:
+            label, path = spec.split("=", 1)
+        else:
+            label, path = os.path.basename(os.path.normpath(spec)) or "prior", spec
+        label = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "prior"
+        base, n = label, 2
+        while label in labels:
+            label, n = f"{base}-{n}", n + 1
+        labels[label] = path
+    return labels
+
+
+def plan_images(
+    prompt_sets: Sequence[compbench.PromptSet],
+    priors: dict[str, str],
+    images_per_prompt: int,
+    seed: int,
+    out: Path,
+) -> list[ImageItem]:
+    """All images of the run, prior by prior (so a pipeline is loaded once per prior)."""
+    if images_per_prompt < 1:
+        raise ConfigError("--images-per-prompt must be at least 1")
+    items = []
+    for label, spec in priors.items():
+        for ps in prompt_sets:
+            for i, prompt in enumerate(ps.prompts):
+                for j in range(images_per_prompt):
+                    path = out / "images" / label / ps.category / f"p{i:04d}_i{j:02d}.png"
+                    items.append(ImageItem(label, spec, ps.category, i, prompt, j, seed + j, path))
+    return items
+
+
+def _request(item: ImageItem, base: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "prior": item.prior_spec, "prompt": item.prompt, "seed": item.seed}
+
+
+def _cached(item: ImageItem, request: dict[str, Any]) -> bool:
+    if not (item.path.is_file() and item.sidecar.is_file()):
+        return False
+    try:
+        with open(item.sidecar, encoding="utf-8") as f:
+            recorded = json.load(f).get("benchmark")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded == json.loads(json.dumps(request))
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+@dataclass
+class GenerationReport:
+    generated: int = 0
+    reused: int = 0
+
+
+def ensure_images(
+    items: Sequence[ImageItem], generate: Generator, request_base: dict[str, Any], progress: bool = True
+) -> GenerationReport:
+    """Generate the images that are missing or were made with other settings; keep the rest.
+
+    The PNG is written first and the sidecar (holding the request) last, both atomically, so an interrupted run
+    leaves no image that looks complete.
+    """
+    report = GenerationReport()
+    for item in tqdm(items, desc="images", unit="img", disable=not progress, file=sys.stderr):
+        request = _request(item, request_base)
+        if _cached(item, request):
+            report.reused += 1
+            continue
+        image, sidecar = generate(item.prior_spec, item.prompt, item.seed)
+        item.path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(item.path, lambda p, im=image: im.save(p, format="PNG"))
+        meta = {**sidecar, "benchmark": request}
+        _atomic_write_text(item.sidecar, json.dumps(meta, indent=2, sort_keys=True, default=str))
+        report.generated += 1
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ real generation
+def pipeline_generator(cfg: BenchmarkConfig) -> Generator:
+    """A generator backed by ``eclipse_prior.pipelines.generate``; one prior's pipeline is kept loaded at a time."""
+    try:
+        from eclipse_prior.pipelines import generate as gen  # noqa: F401  (checked here for a clear error)
+    except ImportError as err:
+        raise ConfigError(f"image generation is not available: {err}") from err
+    raise ConfigError("the generation pipelines' runner API is not wired to benchmark-images yet")
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+class ScorerSet:
+    """The benchmark's judges, each loaded on first use (a run without spatial prompts never loads the detector)."""
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        self.cfg = cfg
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    @property
+    def device(self) -> str:
+        if self.cfg.device != "auto":
+            return self.cfg.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def vqa(self) -> scorers.BlipVqaScorer:
+        return self._get("vqa", lambda: scorers.load_blip_vqa(self.cfg.vqa_model, self.device))
+
+    def detector(self) -> scorers.OwlDetector:
+        return self._get(
+            "detector",
+            lambda: scorers.load_detector(self.cfg.detector_model, self.device, threshold=self.cfg.detection_threshold),
+        )
+
+    def clipscore(self) -> scorers.ClipSimilarity:
+        return self._get("clipscore", lambda: scorers.load_clipscore(self.cfg.clipscore_model, self.device))
+
+    def pickscore(self) -> scorers.ClipSimilarity:
+        return self._get(
+            "pickscore",
+            lambda: scorers.load_pickscore(self.cfg.pickscore_model, self.cfg.pickscore_processor, self.device),
+        )
+
+    def dino(self) -> scorers.DinoFeatures:
+        return self._get("dino", lambda: scorers.load_dino(self.cfg.dino_model, self.device))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _box_dict(box: compbench.Box | None) -> dict[str, float] | None:
+    return None if box is None else asdict(box)
+
+
+def _scorer_settings(cfg: BenchmarkConfig, category: str, parser_name: str) -> dict[str, Any]:
+    """What a per-image score depends on besides the image: reused only when all of it is unchanged."""
+    metric = compbench.CATEGORY_METRIC.get(category, "clipscore")
+    s: dict[str, Any] = {"metric": metric, "parser": parser_name}
+    if metric in ("blip_vqa", "3_in_1"):
+        s["vqa_model"] = cfg.vqa_model
+    if metric in ("spatial", "3_in_1"):
+        s.update(
+            detector_model=cfg.detector_model,
+            detection_threshold=cfg.detection_threshold,
+            spatial_confidence_weighting=cfg.spatial_confidence_weighting,
+        )
+    if metric in ("clipscore", "3_in_1"):
+        s["clipscore_model"] = cfg.clipscore_model
+    return s
+
+
+def _attribute(judges: ScorerSet, image: Image.Image, prompt: str, parser: compbench.Parser) -> dict[str, Any]:
+    questions = compbench.vqa_questions(prompt, parser)
+    probs = judges.vqa().yes_probabilities(image, questions)
+    return {"questions": questions, "p_yes": probs, "score": compbench.vqa_product(probs)}
+
+
+def _spatial(
+    judges: ScorerSet, image: Image.Image, query: compbench.SpatialQuery | None, weighting: bool
+) -> dict[str, Any]:
+    if query is None:
+        return {"query": None, "score": 0.0, "note": "no known relation with two objects found in the prompt"}
+    box1, box2 = judges.detector().best_boxes(image, [query.obj1, query.obj2])
+    return {
+        "query": asdict(query),
+        "box1": _box_dict(box1),
+        "box2": _box_dict(box2),
+        "score": compbench.spatial_image_score(query.relation, box1, box2, weighting),
+    }
+
+
+def score_item(
+    item: ImageItem, judges: ScorerSet, parser: compbench.Parser, prompt_set: compbench.PromptSet
+) -> dict[str, Any]:
+    """The category score of one image with the evidence behind it (questions and P(yes), boxes, ...)."""
+    cfg = judges.cfg
+    with Image.open(item.path) as im:
+        image = im.convert("RGB")
+    metric = compbench.CATEGORY_METRIC.get(item.category, "clipscore")
+    detail: dict[str, Any] = {}
+    if metric == "blip_vqa":
+        detail["attribute"] = _attribute(judges, image, item.prompt, parser)
+        score = detail["attribute"]["score"]
+    elif metric == "spatial":
+        query = compbench.spatial_query(item.prompt, parser)
+        detail["spatial"] = _spatial(judges, image, query, cfg.spatial_confidence_weighting)
+        score = detail["spatial"]["score"]
+    elif metric == "3_in_1":
+        parts = compbench.complex_parts(item.prompt, parser, prompt_set)
+        detail["parts"] = asdict(parts)
+        detail["attribute"] = _attribute(judges, image, item.prompt, parser)
+        spatial = non_spatial = None
+        if parts.spatial:
+            query = compbench.spatial_query(item.prompt, parser)
+            detail["spatial"] = _spatial(judges, image, query, cfg.spatial_confidence_weighting)
+            spatial = detail["spatial"]["score"]
+        if parts.non_spatial:
+            text = parser.drop_adjectives(item.prompt)  # the reference drops adjectives for complex CLIPScore
+            non_spatial = judges.clipscore().scores([image], [text])[0]
+            detail["non_spatial"] = {"text": text, "score": non_spatial}
+        score = compbench.complex_score(detail["attribute"]["score"], spatial, non_spatial)
+    else:
+        score = judges.clipscore().scores([image], [item.prompt])[0]
+    return {"score": float(score), "metric": metric, **detail}
+
+
+def _load_previous_scores(path: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                out[(rec["prior"], rec["category"], rec["prompt_index"], rec["image_index"])] = rec
+            except (ValueError, KeyError):
+                continue  # a damaged line is rescored, not fatal
+    return out
+
+
+def score_images(
+    items: Sequence[ImageItem],
+    judges: ScorerSet,
+    parser: compbench.Parser,
+    prompt_sets: Sequence[compbench.PromptSet],
+    out: Path,
+    with_pickscore: bool,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], int]:
+    """Score every image (reusing matching records of a previous run); returns (records, number rescored)."""
+    cfg = judges.cfg
+    by_cat = {ps.category: ps for ps in prompt_sets}
+    previous = _load_previous_scores(out / "scores.jsonl")
+    records, rescored = [], 0
+    for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
+        settings = _scorer_settings(cfg, item.category, parser.name)
+        digest = _sha256(item.path)
+        old = previous.get(item.key)
+        reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
+        if reusable and with_pickscore and old.get("pickscore_model") != [cfg.pickscore_model, cfg.pickscore_processor]:
+            reusable = False
+        if reusable:
+            records.append(old)
+            continue
+        rec: dict[str, Any] = {
+            "prior": item.prior,
+            "prior_spec": item.prior_spec,
+            "category": item.category,
+            "prompt_index": item.prompt_index,
+            "prompt": item.prompt,
+            "image_index": item.image_index,
+            "seed": item.seed,
+            "image": str(item.path.relative_to(out)),
+            "sha256": digest,
+            "settings": settings,
+            **score_item(item, judges, parser, by_cat[item.category]),
+        }
+        if with_pickscore:
+            with Image.open(item.path) as im:
+                rec["pickscore"] = judges.pickscore().scores([im.convert("RGB")], [item.prompt])[0]
+            rec["pickscore_model"] = [cfg.pickscore_model, cfg.pickscore_processor]
+        records.append(rec)
+        rescored += 1
+    _atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return records, rescored
+
+
+# --------------------------------------------------------------------------------------------------- aggregation
+def aggregate(
+    records: Sequence[dict[str, Any]], n_resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{category: {prior: {mean, ci_low, ci_high, n}}}``, intervals from resampling prompts."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["category"], r["prior"]), []).append(r)
+    for (cat, prior), recs in groups.items():
+        ci = stats.bootstrap_ci(
+            [r["score"] for r in recs], [r["prompt_index"] for r in recs], n_resamples=n_resamples, seed=seed
+        )
+        table.setdefault(cat, {})[prior] = ci.as_dict()
+    return table
+
+
+def preference(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """PickScore win rates on items (category, prompt, image index = seed) that every prior has."""
+    per_prior: dict[str, dict[tuple[str, int, int], float]] = {}
+    for r in records:
+        if "pickscore" in r:
+            per_prior.setdefault(r["prior"], {})[(r["category"], r["prompt_index"], r["image_index"])] = r["pickscore"]
+    if len(per_prior) < 2:
+        return {}
+    common = sorted(set.intersection(*(set(v) for v in per_prior.values())))
+    scores = {p: np.array([v[k] for k in common]) for p, v in per_prior.items()}
+    return {
+        "win_rate": stats.win_rate_matrix(scores),
+        "mean_pickscore": {p: float(s.mean()) for p, s in scores.items()},
+        "n_items": len(common),
+    }
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _load_images(paths: Iterable[Path]) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def image_quality(
+    items: Sequence[ImageItem], judges: ScorerSet, reference: Path, use_inception: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Frechet distance of each prior's images to the reference folder on DINOv2 (and Inception) features."""
+    cfg, notes = judges.cfg, []
+    ref_paths = _list_images(reference)
+    if len(ref_paths) < 2:
+        raise ConfigError(f"reference folder {str(reference)!r} needs at least 2 images, found {len(ref_paths)}")
+
+    def features(paths: Sequence[Path]) -> np.ndarray:
+        chunks = [
+            judges.dino().features(_load_images(paths[i : i + cfg.batch_size]))
+            for i in range(0, len(paths), cfg.batch_size)
+        ]
+        return np.concatenate(chunks)
+
+    ref_feats = features(ref_paths)
+    by_prior: dict[str, list[Path]] = {}
+    for it in items:
+        by_prior.setdefault(it.prior, []).append(it.path)
+    result: dict[str, Any] = {"reference": str(reference), "n_reference": len(ref_paths), "dino": {}, "inception": {}}
+    for prior, paths in by_prior.items():
+        if len(paths) < 2:
+            notes.append(f"Frechet distance skipped for {prior}: needs at least 2 images")
+            continue
+        result["dino"][prior] = frechet.frechet_distance_features(features(paths), ref_feats)
+    if use_inception:
+        ref_images = _load_images(ref_paths)
+        for prior, paths in by_prior.items():
+            value, note = frechet.inception_frechet(_load_images(paths), ref_images)
+            if value is None:
+                notes.append(f"{note} ({len(by_prior)} priors without Inception FID)")
+                result["inception"] = None
+                break
+            result["inception"][prior] = value
+            result["inception_note"] = note
+    return result, notes
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def _fmt(ci: dict[str, Any] | None) -> str:
+    return "-" if ci is None else f"{ci['mean']:.4f} [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """A plain-text table per category and prior (95% intervals), paper numbers beside, then preference and FD."""
+    priors = results["priors"]
+    rows = [["category", "metric", *priors]]
+    paper = results.get("paper", {}).get("rows", [])
+    rows[0] += [f"paper: {r['model']}" for r in paper]
+    for cat, per in results["categories"].items():
+        metric = compbench.CATEGORY_METRIC.get(cat, "clipscore")
+        line = [cat, metric, *[_fmt(per.get(p)) for p in priors]]
+        line += [f"{r['scores'][cat]:.4f}" if cat in r["scores"] else "-" for r in paper]
+        rows.append(line)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"(mean over images, 95% bootstrap interval over prompts; noun phrases: {results['parser']})")
+    pref = results.get("preference")
+    if pref:
+        lines += ["", f"PickScore win rate (row beats column, {pref['n_items']} paired images):"]
+        w = max(len(p) for p in priors) + 2
+        lines.append(" " * w + "".join(p.rjust(w) for p in priors))
+        for a in priors:
+            cells = ["-" if pref["win_rate"][a][b] is None else f"{pref['win_rate'][a][b]:.3f}" for b in priors]
+            lines.append(a.ljust(w) + "".join(c.rjust(w) for c in cells))
+    quality = results.get("image_quality")
+    if quality:
+        lines += ["", f"Frechet distance to {quality['reference']} ({quality['n_reference']} images):"]
+        for p in priors:
+            dino = quality["dino"].get(p)
+            inc = (quality.get("inception") or {}).get(p)
+            lines.append(
+                f"  {p}: DINOv2 {'-' if dino is None else f'{dino:.4f}'}"
+                f"  Inception {'-' if inc is None else f'{inc:.4f}'}"
+            )
+    for note in results.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+@dataclass
+class BenchmarkResult:
+    results: dict[str, Any]
+    summary: str
+    generation: GenerationReport = field(default_factory=GenerationReport)
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    generate: Generator | None = None,
+    judges: ScorerSet | None = None,
+    progress: bool = True,
+) -> BenchmarkResult:
+    """Run (or resume) a whole benchmark; ``generate`` replaces the pipelines (tests, custom generators)."""
+    if not cfg.priors:
+        raise ConfigError("give at least one --prior")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_sets = compbench.load_prompt_sets(cfg.prompts, cfg.categories, cfg.max_prompts)
+    priors = prior_labels(cfg.priors)
+    items = plan_images(prompt_sets, priors, cfg.images_per_prompt, cfg.seed, out)
+    request_base = {"decoder": cfg.decoder, "clip": cfg.clip, "generation": cfg.generation_settings()}
+    report = ensure_images(items, generate or pipeline_generator(cfg), request_base, progress)
+
+    parser = compbench.get_parser(cfg.noun_phrases)
+    judges = judges or ScorerSet(cfg)
+    with_pick = len(priors) >= 2
+    notes: list[str] = []
+    if not with_pick:
+        notes.append("PickScore preference skipped: it compares two or more priors")
+    records, rescored = score_images(items, judges, parser, prompt_sets, out, with_pick, progress)
+
+    results: dict[str, Any] = {
+        "priors": list(priors),
+        "prior_specs": priors,
+        "decoder": cfg.decoder,
+        "clip": cfg.clip,
+        "parser": parser.name,
+        "images_per_prompt": cfg.images_per_prompt,
+        "seed": cfg.seed,
+        "prompts": {ps.category: {"file": str(ps.path), "n": len(ps.prompts)} for ps in prompt_sets},
+        "generation": {"generated": report.generated, "reused": report.reused},
+        "scoring": {"rescored": rescored, "reused": len(records) - rescored},
+        "categories": aggregate(records, cfg.bootstrap_resamples, cfg.seed),
+        "scorers": {
+            k: getattr(cfg, k)
+            for k in ("vqa_model", "detector_model", "clipscore_model", "pickscore_model", "pickscore_processor")
+        },
+        "spatial": {
+            "detection_threshold": cfg.detection_threshold,
+            "confidence_weighting": cfg.spatial_confidence_weighting,
+        },
+        "vqa_probability": "p(yes)/(p(yes)+p(no)), teacher-forced answer decoder (as T2I-CompBench vqa_prob)",
+    }
+    family = paper_numbers.decoder_family(cfg.decoder)
+    compbench_files = any(ps.category in compbench.CATEGORIES for ps in prompt_sets)
+    if family and compbench_files:
+        results["paper"] = {
+            "decoder": family,
+            "source": "ECLIPSE (arXiv 2312.04655) T2I-CompBench tables",
+            "rows": [asdict(r) for r in paper_numbers.PAPER_NUMBERS[family]],
+        }
+    elif compbench_files:
+        notes.append(f"no paper numbers: decoder {cfg.decoder!r} is neither Kandinsky v2.2 nor Karlo")
+    if with_pick:
+        results["preference"] = preference(records)
+    if cfg.reference_images:
+        quality, q_notes = image_quality(items, judges, Path(cfg.reference_images).expanduser(), cfg.inception)
+        results["image_quality"] = quality
+        notes += q_notes
+    results["notes"] = notes
+    summary = format_summary(results)
+    _atomic_write_text(out / "results.json", json.dumps(results, indent=2, sort_keys=False, default=str))
+    _atomic_write_text(out / "summary.txt", summary + "\n")
+    return BenchmarkResult(results, summary, report)

@@ -1,0 +1,329 @@
+"""The neural judges of the image benchmark, each a transformers model loaded by hub id or local folder.
+
+- BLIP-VQA (``Salesforce/blip-vqa-base``): P("yes") to "<noun phrase>?" for attribute binding.
+- An open-vocabulary detector (OWLv2, ``google/owlv2-base-patch16-ensemble``) for spatial relations.
+- CLIPScore (``openai/clip-vit-base-patch32``): plain cosine of image and text features, for non-spatial prompts.
+- PickScore (``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+- DINOv2 (``facebook/dinov2-base``) CLS features for the Frechet distance.
+
+Weights load from safetensors only (``use_safetensors=True``) and never with ``trust_remote_code``. A model that is
+missing, or unreachable offline, is a one-line :class:`ModelNotFoundError` naming the id and the flag that takes a
+local folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eclipse_prior.errors import ModelNotFoundError
+from eclipse_prior.evaluation.compbench import Box
+
+DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
+DEFAULT_DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
+DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+DEFAULT_DINO_MODEL = "facebook/dinov2-base"
+# The reference BLIP-VQA tokenizes questions with truncation at 35 tokens.
+VQA_QUESTION_MAX_LENGTH = 35
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Loading prints per-model progress bars and a PIL-fallback warning without torchvision: expected, hide them."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _offline_default() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _load(kind: str, flag: str, id_or_path: str, loader: Callable[[str, dict[str, Any]], T]) -> tuple[T, str]:
+    """Run ``loader(name, from_pretrained_kwargs)``; turn every way of not finding the model into one line."""
+    name = os.path.expanduser(str(id_or_path))
+    local = os.path.isdir(name) or name.startswith((".", "/"))
+    hint = f"pass a local folder with {flag}"
+    if local and not os.path.isdir(name):
+        raise ModelNotFoundError(f"cannot load {kind} model {name!r} (no such folder); {hint}")
+    kw: dict[str, Any] = {"local_files_only": _offline_default()}
+    try:
+        with _quiet_transformers():
+            obj = loader(name, kw)
+    except (OSError, ValueError, KeyError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"cannot load {kind} model {name!r} ({why}); {hint}") from err
+    return obj, name
+
+
+def _revision(model: Any, name: str) -> str:
+    commit = getattr(model.config, "_commit_hash", None)
+    return "local" if os.path.isdir(name) or not commit else str(commit)
+
+
+def _prepare(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
+    return [im.convert("RGB") for im in images]
+
+
+# ------------------------------------------------------------------------------------------------------- BLIP-VQA
+@dataclass
+class BlipVqaScorer:
+    """P("yes") for yes/no questions about an image, as T2I-CompBench's BLIP-VQA computes it.
+
+    BLIP's VQA head is generative. Like the reference ``vqa_prob`` we run the answer decoder from its start token,
+    teacher-forced, and read the probability of the answer "yes" and of "no" (the product of their token
+    probabilities: one token each with the real BERT vocabulary, so this is the first-token softmax the reference
+    reads), then renormalise: P = p(yes) / (p(yes) + p(no)).
+    """
+
+    model: Any
+    processor: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def _answer_ids(self, word: str) -> list[int]:
+        ids = self.processor.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ModelNotFoundError(f"BLIP tokenizer of {self.name!r} cannot encode the answer {word!r}")
+        return list(ids)
+
+    def _answer_log_prob(self, states: torch.Tensor, mask: torch.Tensor, answer: list[int]) -> torch.Tensor:
+        """Teacher-forced log P(answer tokens | question states), summed over the answer's tokens."""
+        n = states.shape[0]
+        start = self.model.config.text_config.bos_token_id
+        inputs = torch.tensor([[start, *answer[:-1]]], device=self.device).expand(n, -1)
+        logits = self.model.text_decoder(
+            input_ids=inputs, encoder_hidden_states=states, encoder_attention_mask=mask
+        ).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(answer, device=self.device).view(1, -1, 1).expand(n, -1, 1)
+        return logp.gather(-1, target).squeeze(-1).sum(-1)
+
+    @torch.inference_mode()
+    def yes_probabilities(self, image: Image.Image, questions: Sequence[str]) -> list[float]:
+        """P("yes") for each question about one image (the image is encoded once)."""
+        if not questions:
+            return []
+        pixels = self.processor.image_processor(images=_rgb([image]), return_tensors="pt")["pixel_values"]
+        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
+        q = self.processor.tokenizer(
+            list(questions), padding=True, truncation=True, max_length=VQA_QUESTION_MAX_LENGTH, return_tensors="pt"
+        )
+        ids, mask = q["input_ids"].to(self.device), q["attention_mask"].to(self.device)
+        embeds = image_embeds.expand(len(questions), -1, -1)
+        states = self.model.text_encoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
+        ).last_hidden_state
+        log_yes = self._answer_log_prob(states, mask, self._answer_ids("yes"))
+        log_no = self._answer_log_prob(states, mask, self._answer_ids("no"))
+        return torch.sigmoid(log_yes - log_no).tolist()  # = p_yes / (p_yes + p_no)
+
+
+def load_blip_vqa(
+    id_or_path: str = DEFAULT_VQA_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BlipVqaScorer:
+    """BlipForQuestionAnswering + BlipProcessor (tokenizer and image processor) from one folder or hub id."""
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+        model = BlipForQuestionAnswering.from_pretrained(name, use_safetensors=True, **kw)
+        return model, BlipProcessor.from_pretrained(name, **kw)
+
+    (model, processor), name = _load("BLIP-VQA", "--vqa-model", id_or_path, loader)
+    return BlipVqaScorer(
+        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- detector
+@dataclass
+class OwlDetector:
+    """OWLv2: for each text query, the highest-scoring box above ``threshold`` (None when no box passes).
+
+    OWLv2 pads images to a square at the bottom/right before predicting boxes relative to that square, so boxes are
+    scaled by max(height, width) to land in the generated image's pixels (what the 150 px rule is stated in).
+    """
+
+    model: Any
+    processor: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    threshold: float = 0.1
+
+    @torch.inference_mode()
+    def best_boxes(self, image: Image.Image, queries: Sequence[str]) -> list[Box | None]:
+        image = image.convert("RGB")
+        inputs = self.processor(text=[list(queries)], images=[image], return_tensors="pt")
+        outputs = self.model(
+            input_ids=inputs["input_ids"].to(self.device),
+            attention_mask=inputs["attention_mask"].to(self.device),
+            pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
+        )
+        scores = torch.sigmoid(outputs.logits[0].float())  # (boxes, queries)
+        boxes = outputs.pred_boxes[0].float()  # (boxes, 4) centre x, centre y, w, h relative to the padded square
+        side = float(max(image.size))
+        found: list[Box | None] = []
+        for qi in range(len(queries)):
+            best = int(torch.argmax(scores[:, qi]))
+            conf = float(scores[best, qi])
+            if conf <= self.threshold:
+                found.append(None)
+                continue
+            cx, cy, w, h = (float(v) * side for v in boxes[best])
+            found.append(Box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, score=conf))
+        return found
+
+
+def load_detector(
+    id_or_path: str = DEFAULT_DETECTOR_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threshold: float = 0.1,
+) -> OwlDetector:
+    """Owlv2ForObjectDetection + Owlv2Processor (an OWLv2 folder or hub id)."""
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+        model = Owlv2ForObjectDetection.from_pretrained(name, use_safetensors=True, **kw)
+        return model, Owlv2Processor.from_pretrained(name, **kw)
+
+    (model, processor), name = _load("OWLv2 detector", "--detector-model", id_or_path, loader)
+    return OwlDetector(
+        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype, threshold
+    )
+
+
+# ------------------------------------------------------------------------------------------ CLIPScore and PickScore
+@dataclass
+class ClipSimilarity:
+    """Image-text similarity of a CLIPModel: the plain cosine (CLIPScore as T2I-CompBench uses it, not x2.5 or x100)
+    or, with ``scaled``, cosine x the model's learned ``logit_scale.exp()`` (PickScore's score)."""
+
+    model: Any
+    processor: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    scaled: bool = False
+
+    @torch.inference_mode()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=_rgb(images), return_tensors="pt")["pixel_values"]
+        feats = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.inference_mode()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        tok = self.processor.tokenizer
+        max_len = min(int(tok.model_max_length), int(self.model.config.text_config.max_position_embeddings))
+        enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        feats = self.model.get_text_features(
+            input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
+        ).pooler_output
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def scores(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
+        """Score of image i against text i (paired)."""
+        if len(images) != len(texts):
+            raise ValueError("scores() pairs images with texts: give as many of each")
+        cos = (self.image_features(images) * self.text_features(texts)).sum(-1)
+        if self.scaled:
+            cos = cos * float(self.model.logit_scale.exp())
+        return cos.tolist()
+
+
+def _load_clip_similarity(
+    kind: str, flag: str, model_id: str, processor_id: str, device: str | torch.device, dtype: torch.dtype, scaled: bool
+) -> ClipSimilarity:
+    from transformers import AutoProcessor, CLIPModel
+
+    model, name = _load(kind, flag, model_id, lambda n, kw: CLIPModel.from_pretrained(n, use_safetensors=True, **kw))
+    processor, _ = _load(
+        f"{kind} processor", flag.replace("-model", "-processor"), processor_id, lambda n, kw: AutoProcessor.from_pretrained(n, **kw)
+    )
+    return ClipSimilarity(
+        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype, scaled
+    )
+
+
+def load_clipscore(
+    id_or_path: str = DEFAULT_CLIPSCORE_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ClipSimilarity:
+    """CLIPModel + its processor from one folder or id; unscaled cosine."""
+    return _load_clip_similarity("CLIPScore", "--clipscore-model", id_or_path, id_or_path, device, dtype, False)
+
+
+def load_pickscore(
+    model_id: str = DEFAULT_PICKSCORE_MODEL,
+    processor_id: str = DEFAULT_PICKSCORE_PROCESSOR,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ClipSimilarity:
+    """PickScore: its CLIPModel with the processor of the CLIP it was fine-tuned from; logit-scaled cosine."""
+    return _load_clip_similarity("PickScore", "--pickscore-model", model_id, processor_id, device, dtype, True)
+
+
+# ---------------------------------------------------------------------------------------------------------- DINOv2
+@dataclass
+class DinoFeatures:
+    """DINOv2 image features (the CLS token after the final layer norm: ``pooler_output``) for Frechet distances."""
+
+    model: Any
+    processor: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        pixels = self.processor(images=_rgb(images), return_tensors="pt")["pixel_values"]
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
+        return out.float().cpu().numpy().astype(np.float64)
+
+
+def load_dino(
+    id_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DinoFeatures:
+    """Dinov2Model + its image processor from one folder or hub id."""
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+        model = Dinov2Model.from_pretrained(name, use_safetensors=True, **kw)
+        return model, AutoImageProcessor.from_pretrained(name, **kw)
+
+    (model, processor), name = _load("DINOv2", "--dino-model", id_or_path, loader)
+    return DinoFeatures(
+        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype
+    )

@@ -1,0 +1,503 @@
+"""`train(cfg)`: the training loop of `eclipse-prior train`, from an embedding store to a run folder.
+
+Reading order: `train` builds everything, `_training_step` holds the loop body, and `objective_loss` is where
+the objective picks its loss from `eclipse_prior.losses` (eclipse -> projection + lam * InfoNCE; projection and
+diffusion -> the paper's squared-L2 projection loss on the predicted embedding, x0 for the diffusion prior).
+
+Determinism: the data order is a seeded permutation per epoch, and every micro-batch re-seeds the torch RNG
+and a noise generator from (seed, micro-step, rank). A run resumed from a checkpoint therefore sees exactly the
+batches and noise it would have seen uninterrupted, and ends with the same weights.
+
+Several processes (torchrun / accelerate launch): rank r takes rows [r*b, (r+1)*b) of each global batch of
+world_size*b rows, so ranks never overlap and N processes x batch b see the same samples per step as one
+process with batch N*b. Only the main process writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eclipse_prior.config import save_config
+from eclipse_prior.errors import ConfigError, StoreError
+from eclipse_prior.losses import eclipse_loss_terms, projection_loss
+from eclipse_prior.training.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
+from eclipse_prior.training.config import TrainConfig
+
+
+def objective_loss(
+    objective: str, pred: torch.Tensor, batch: dict[str, torch.Tensor], lam: float, tau: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one objective on `prior.training_prediction(...)`, plus its parts for logging."""
+    image_embeds = batch["image_embeds"]
+    if objective == "eclipse":
+        terms = eclipse_loss_terms(
+            pred, image_embeds, batch["text_embeds"], lam=lam, tau=tau, caption_ids=batch["caption_ids"]
+        )
+        return terms["loss"], {"projection": terms["projection"], "contrastive": terms["contrastive"]}
+    if objective in ("projection", "diffusion"):  # diffusion: the prior predicts x0, compared to the clean image
+        loss = projection_loss(pred, image_embeds)
+        return loss, {"projection": loss}
+    raise ConfigError(f"unknown objective {objective!r} (eclipse, projection, diffusion)")
+
+
+class _PredictionStep(nn.Module):
+    """Routes `prior.training_prediction` through `forward`, so DDP syncs gradients and autocast applies."""
+
+    def __init__(self, prior: nn.Module) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return self.prior.training_prediction(image_embeds, text_embeds, text_states, text_mask, generator=generator)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class DataOrder:
+    """The global sample order: a seeded permutation of the train rows per epoch, epochs concatenated.
+
+    Micro-step m reads rows [m*G, (m+1)*G) of that stream (G = world_size * batch_size), so the position in
+    the data is a function of the step alone, and resuming needs no sampler state beyond the step.
+    """
+
+    def __init__(self, indices: np.ndarray, seed: int) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.seed = seed
+        self._epoch = -1
+        self._perm = self.indices
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+            self._epoch = epoch
+        return self._perm
+
+    def position(self, micro_step: int, global_batch: int) -> dict[str, int]:
+        start = micro_step * global_batch
+        return {"epoch": start // len(self.indices), "offset": start % len(self.indices), "micro_step": micro_step}
+
+    def global_batch(self, micro_step: int, global_batch: int) -> np.ndarray:
+        start = micro_step * global_batch
+        n = len(self.indices)
+        out = []
+        while global_batch > 0:
+            epoch, offset = divmod(start, n)
+            take = min(global_batch, n - offset)
+            out.append(self._permutation(epoch)[offset : offset + take])
+            start += take
+            global_batch -= take
+        return np.concatenate(out)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to the peak LR, then a cosine decay to zero at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _open_store(cfg: TrainConfig) -> Any:
+    from eclipse_prior.data.store import EmbeddingStore
+
+    store = EmbeddingStore(cfg.data)
+    if cfg.verify_store:
+        store.validate()
+    if len(store) == 0:
+        raise StoreError(f"store {cfg.data} is empty")
+    if store.normalized and not cfg.allow_normalized_store:
+        raise StoreError(
+            f"store {cfg.data} holds L2-normalised embeddings (clip-retrieval style) but unCLIP decoders expect raw "
+            "ones; re-embed with `eclipse-prior embed`, or pass --allow-normalized-store to train on it anyway"
+        )
+    if store.image_dim != store.text_dim:
+        raise StoreError(
+            f"store {cfg.data} has image width {store.image_dim} but text width {store.text_dim}; "
+            "a prior maps between embeddings of one CLIP space"
+        )
+    return store
+
+
+def _build_prior(cfg: TrainConfig, store: Any) -> nn.Module:
+    """A prior sized by the preset (depth/heads) and the store (width, text length), or loaded by --init-from."""
+    import eclipse_prior.models as models
+
+    cls = models.DiffusionPrior if cfg.objective == "diffusion" else models.EclipsePrior
+    if cfg.init_from:
+        prior = models.load_prior(cfg.init_from, local_files_only=True if cfg.offline else None)
+        if not isinstance(prior, cls):
+            raise ConfigError(
+                f"--init-from {cfg.init_from} is a {type(prior).__name__} but objective {cfg.objective} trains a "
+                f"{cls.__name__}"
+            )
+    else:
+        torch.manual_seed(cfg.seed)
+        num_embeddings = store.text_seq_len if store.has_text_states else None
+        prior = cls.from_preset(cfg.preset, store.image_dim, num_embeddings, pooled_only=cfg.pooled_only)
+    width = prior.config.embedding_dim
+    if width != store.image_dim:
+        raise StoreError(f"store {cfg.data} has embedding width {store.image_dim} but the prior has width {width}")
+    if prior.uses_text_states:
+        if not store.has_text_states:
+            raise StoreError(
+                f"the prior needs per-token text states but store {cfg.data} has none; re-embed with "
+                "--text-states or train with --pooled-only"
+            )
+        want = (prior.config.num_embeddings, width)
+        have = (store.text_seq_len, store.text_state_dim)
+        if want != have:
+            raise StoreError(
+                f"store {cfg.data} has text states of (length, width) {have} but the prior expects {want}"
+            )
+    return prior
+
+
+def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 (or no)")
+    try:
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=not torch.cuda.is_available(),
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        )
+    except (ValueError, ImportError) as err:
+        raise ConfigError(f"cannot set up accelerate ({cfg.mixed_precision}, {cfg.report_to}): {err}") from err
+
+
+def _store_summary(store: Any, path: str) -> dict[str, Any]:
+    return {
+        "path": str(Path(path).resolve()),
+        "rows": len(store),
+        "train_rows": int(len(store.split_indices("train"))),
+        "val_rows": int(len(store.split_indices("val"))),
+        "clip_id": store.clip_id,
+        "image_dim": store.image_dim,
+        "text_seq_len": store.text_seq_len if store.has_text_states else 0,
+        "has_text_states": store.has_text_states,
+        "normalized": store.normalized,
+    }
+
+
+def resolved_command(cfg: TrainConfig) -> str:
+    """An `eclipse-prior train` command line that reproduces `cfg` (flags for every non-default field)."""
+    defaults = TrainConfig()
+    argv = ["eclipse-prior", "train"]
+    for f in fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if value == default or f.name == "resume":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_prior_atomic(prior: nn.Module, target: Path) -> None:
+    """`save_pretrained` into a temporary folder, then swap it in, so `target` is never half-written."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prior.save_pretrained(tmp, safe_serialization=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class _Batches:
+    """This rank's micro-batches as tensors, fetched ahead by a background thread (the store is memory-mapped)."""
+
+    def __init__(self, store: Any, order: DataOrder, cfg: TrainConfig, rank: int, world: int, device: Any) -> None:
+        self.store, self.order, self.cfg = store, order, cfg
+        self.rank, self.world, self.device = rank, world, device
+        self.pool = ThreadPoolExecutor(max_workers=1) if cfg.num_workers > 0 else None
+        self.pending: dict[int, Future] = {}
+
+    def _load(self, micro_step: int) -> dict[str, np.ndarray]:
+        b = self.cfg.batch_size
+        rows = self.order.global_batch(micro_step, b * self.world)[self.rank * b : (self.rank + 1) * b]
+        batch = self.store.get_batch(rows)
+        batch["caption_ids"] = self.store.caption_ids(rows)
+        if self.cfg.pooled_only:
+            batch.pop("text_states", None)
+            batch.pop("text_mask", None)
+        return batch
+
+    def get(self, micro_step: int) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            arrays = self._load(micro_step)
+        else:
+            future = self.pending.pop(micro_step, None) or self.pool.submit(self._load, micro_step)
+            for ahead in range(micro_step + 1, micro_step + 1 + self.cfg.num_workers):
+                if ahead not in self.pending:
+                    self.pending[ahead] = self.pool.submit(self._load, ahead)
+            arrays = future.result()
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _param_groups(prior: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying biases and LayerNorm gains only hurts."""
+    decay, no_decay = [], []
+    for p in prior.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    if (run_dir / "config.yaml").exists() and not cfg.resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a folder")
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
+
+
+def train(cfg: TrainConfig, command: str | None = None) -> Path:
+    """Train a prior on an embedding store; returns the run folder (load it with `load_prior(run_dir)`).
+
+    `command` is recorded in run.json and the model card (the CLI passes its own argv); without it the
+    equivalent command built from the resolved config is recorded.
+    """
+    cfg.check()
+    run_dir = Path(cfg.out)
+    _prepare_run_dir(cfg, run_dir)
+    store = _open_store(cfg)
+    if not store.has_text_states and not cfg.pooled_only:
+        cfg.pooled_only = True  # a store without token states can only train a pooled-only prior
+    train_rows = store.split_indices("train")
+    if len(train_rows) == 0:
+        raise StoreError(f"store {cfg.data} has no rows in its train split")
+    accelerator = _make_accelerator(cfg, run_dir)
+    try:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        main = accelerator.is_main_process
+
+        prior = _build_prior(cfg, store)
+        ema = EMA(prior, cfg.ema_decay)
+        optimizer = torch.optim.AdamW(_param_groups(prior, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+        )
+
+        checkpoints_dir = run_dir / "checkpoints"
+        start_step = 0
+        latest = list_checkpoints(checkpoints_dir)[-1:] if cfg.resume else []
+        if latest:
+            state = load_checkpoint(latest[0], prior, ema, optimizer, scheduler)
+            start_step = int(state["step"])
+            if main:
+                print(f"resuming {run_dir} from {latest[0].name} (step {start_step})", file=sys.stderr)
+        ema.model.to(accelerator.device)
+        model, optimizer = accelerator.prepare(_PredictionStep(prior), optimizer)
+
+        summary = _store_summary(store, cfg.data)
+        metrics_path = run_dir / "metrics.jsonl"
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+            invoked = command or resolved_command(cfg)
+            run_info.setdefault("command", invoked)
+            run_info.setdefault("invocations", []).append({"command": invoked, "start_step": start_step})
+            run_info.update(
+                resolved_command=resolved_command(cfg),
+                store=summary,
+                prior_class=type(prior).__name__,
+                prior_config=dict(prior.config),
+                parameters=sum(p.numel() for p in prior.parameters()),
+                world_size=world,
+                global_batch=cfg.batch_size * world * cfg.grad_accum,
+                status="running",
+            )
+            _write_json_atomic(run_dir / "run.json", run_info)
+            _truncate_metrics(metrics_path, start_step)
+            if cfg.report_to != "none":
+                accelerator.init_trackers("eclipse-prior", config=_flat_hparams(cfg))
+        accelerator.wait_for_everyone()
+
+        order = DataOrder(train_rows, cfg.seed)
+        batches = _Batches(store, order, cfg, rank, world, accelerator.device)
+        global_micro = cfg.batch_size * world
+        progress = tqdm(total=cfg.steps, initial=start_step, disable=not main, desc="train", dynamic_ncols=True)
+        window: list[torch.Tensor] = []
+        window_terms: dict[str, list[torch.Tensor]] = {}
+        t0, samples = time.perf_counter(), 0
+        try:
+            for step in range(start_step, cfg.steps):
+                for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+                    loss, terms = _training_step(model, accelerator, optimizer, batches.get(micro), cfg, micro, rank)
+                    window.append(loss)
+                    for k, v in terms.items():
+                        window_terms.setdefault(k, []).append(v)
+                    samples += global_micro
+                scheduler.step()
+                ema.update(prior)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    mean_loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
+                    parts = {
+                        k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item()
+                        for k, v in window_terms.items()
+                    }
+                    window, window_terms = [], {}
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    if main:
+                        row = {"step": done, "loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0],
+                               "samples_per_s": rate}
+                        _append_jsonl(metrics_path, row)
+                        if cfg.report_to != "none":
+                            accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+                        progress.set_postfix(loss=f"{mean_loss:.4g}", samples_s=f"{rate:.0f}")
+                if main and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
+                    _validate(ema.model, store, cfg, done, metrics_path, accelerator)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    if main:
+                        extra = {"data_position": order.position(done * cfg.grad_accum, global_micro),
+                                 "world_size": world, "seed": cfg.seed}
+                        save_checkpoint(checkpoints_dir, done, prior, ema, optimizer, scheduler, extra,
+                                        cfg.keep_checkpoints)
+                        save_prior_atomic(ema.model, run_dir / "prior")
+                    accelerator.wait_for_everyone()
+                progress.update(1)
+        finally:
+            batches.close()
+            progress.close()
+        if main:
+            if not (run_dir / "prior").is_dir():  # resumed a finished run: nothing ran, make sure prior/ exists
+                save_prior_atomic(ema.model, run_dir / "prior")
+            run_info = json.loads((run_dir / "run.json").read_text())
+            run_info["status"] = "finished"
+            _write_json_atomic(run_dir / "run.json", run_info)
+    finally:
+        _release(accelerator)
+    return run_dir
+
+
+def _release(accelerator: Any) -> None:
+    """Close trackers and forget accelerate's process-wide settings, so a later `train` in the same process
+    (tests, notebooks, sweeps) may use another precision or accumulation; the process group stays up."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def _training_step(
+    model: nn.Module,
+    accelerator: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    micro_step: int,
+    rank: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch: forward, loss, backward; the optimizer steps at the end of each accumulation window."""
+    seed = mix_seed(cfg.seed, micro_step, rank)
+    torch.manual_seed(seed)  # anything drawing from the global RNG (dropout) is reproducible on resume too
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    with accelerator.accumulate(model):
+        pred = model(
+            batch["image_embeds"],
+            batch["text_embeds"],
+            batch.get("text_states"),
+            batch.get("text_mask"),
+            generator=generator,
+        )
+        loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau)
+        if not torch.isfinite(loss):
+            raise StoreError(
+                f"loss became {loss.item()} at micro-step {micro_step}; lower --lr or check the store for outliers"
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _validate(
+    ema_model: nn.Module, store: Any, cfg: TrainConfig, step: int, metrics_path: Path, accelerator: Any
+) -> None:
+    """Embedding metrics of the EMA weights (what prior/ and exports hold) on the store's val split."""
+    from eclipse_prior.evaluation.embedding_metrics import evaluate_prior
+
+    if len(store.split_indices("val")) == 0:
+        return
+    metrics = evaluate_prior(ema_model, store, split="val", seed=cfg.seed, max_samples=cfg.val_max_samples)
+    _append_jsonl(metrics_path, {"step": step, "split": "val", **metrics})
+    if cfg.report_to != "none":
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+
+
+def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of RUN_DIR/metrics.jsonl (train log lines and validation lines with "split")."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)
