@@ -47,13 +47,15 @@ def _inputs(model, batch=3, seed=0):
 
 def _released_keys(**cfg) -> set[str]:
     """The released checkpoint's keys: diffusers PriorTransformer minus its time embedding."""
-    keys = PriorTransformer(**cfg).state_dict().keys()
+    with torch.device("meta"):  # keys only: skip allocating and initialising weights
+        keys = PriorTransformer(**cfg).state_dict().keys()
     return {k for k in keys if not k.startswith(("time_proj.", "time_embedding."))}
 
 
 @pytest.mark.parametrize("name,count", [("kandinsky22", 34_193_152), ("karlo", 33_143_040)])
 def test_released_parameter_counts_and_keys(name, count):
-    model = EclipsePrior.from_preset(name)
+    with torch.device("meta"):
+        model = EclipsePrior.from_preset(name)
     assert sum(p.numel() for p in model.parameters()) == count
     cfg = {k: model.config[k] for k in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim")}
     assert set(model.state_dict()) == _released_keys(**cfg, num_embeddings=77, additional_embeddings=3)
@@ -211,12 +213,16 @@ def test_diffusion_training_prediction_reproducible_and_drops_condition():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     a.pow(2).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    # With every condition dropped, the caption no longer matters.
-    model.register_to_config(cond_drop_prob=1.0)
+    # With every condition dropped the caption no longer matters; with none dropped it does.
     other = (img, torch.randn_like(x["proj_embedding"]), torch.randn_like(x["encoder_hidden_states"]), None)
-    c = model.training_prediction(*args, generator=torch.Generator().manual_seed(0))
-    d = model.training_prediction(*other, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(c, d, rtol=0, atol=1e-6)
+
+    def pair(prob):
+        model.register_to_config(cond_drop_prob=prob)
+        c = model.training_prediction(*args, generator=torch.Generator().manual_seed(0))
+        return c, model.training_prediction(*other, generator=torch.Generator().manual_seed(0))
+
+    torch.testing.assert_close(*pair(1.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(*pair(0.0), atol=1e-4)
 
 
 @pytest.mark.parametrize("pooled_only", [False, True])
@@ -225,7 +231,7 @@ def test_diffusion_sampling_seeded_and_guided(pooled_only):
     x = _inputs(model, batch=2)
     args = (x["proj_embedding"], x["encoder_hidden_states"], x["attention_mask"])
 
-    def sample(seed, guidance, steps=5):
+    def sample(seed, guidance, steps=3):
         return model.generate_embeds(
             *args, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, guidance_scale=guidance
         )
@@ -235,7 +241,7 @@ def test_diffusion_sampling_seeded_and_guided(pooled_only):
     torch.testing.assert_close(a, sample(0, 4.0), rtol=0, atol=0)
     assert not torch.allclose(a, sample(1, 4.0))
     assert not torch.allclose(a, sample(0, 1.0), atol=1e-4)
-    assert sample(0, 1.0, steps=3).shape == a.shape
+    assert sample(0, 1.0, steps=1).shape == a.shape
 
 
 def test_load_prior_run_dir_and_export_folder(tmp_path):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.transformers.prior_transformer import PriorTransformerOutput
-from diffusers.schedulers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from eclipse_prior.errors import ConfigError
-from eclipse_prior.models.network import PriorNetworkMixin, _rand, _randn
+from eclipse_prior.models.network import PriorNetworkMixin, PriorOutput, _rand, _randn
 from eclipse_prior.models.presets import resolve_preset
 
 
@@ -113,7 +112,7 @@ class DiffusionPrior(PriorNetworkMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> PriorTransformerOutput | tuple[torch.Tensor]:
+    ) -> PriorOutput | tuple[torch.Tensor]:
         """x_t (B, E), timestep (scalar or (B,)), pooled text, text states, mask -> predicted x0 (B, E)."""
         batch_size = hidden_states.shape[0]
         t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
@@ -122,7 +121,7 @@ class DiffusionPrior(PriorNetworkMixin, ConfigMixin):
         out = self._run_network(hidden_states, proj_embedding, encoder_hidden_states, attention_mask, time_embeddings)
         if not return_dict:
             return (out,)
-        return PriorTransformerOutput(predicted_image_embedding=out)
+        return PriorOutput(predicted_image_embedding=out)
 
     def _condition(
         self,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.transformers.prior_transformer import PriorTransformerOutput
 
-from eclipse_prior.models.network import PriorNetworkMixin, _randn
+from eclipse_prior.models.network import PriorNetworkMixin, PriorOutput, _randn
 from eclipse_prior.models.presets import resolve_preset
 
 
@@ -81,12 +80,12 @@ class EclipsePrior(PriorNetworkMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> PriorTransformerOutput | tuple[torch.Tensor]:
+    ) -> PriorOutput | tuple[torch.Tensor]:
         """Noise (B, E), pooled text (B, E), text states (B, L, E), mask (B, L) -> image embedding (B, E)."""
         out = self._run_network(hidden_states, proj_embedding, encoder_hidden_states, attention_mask)
         if not return_dict:
             return (out,)
-        return PriorTransformerOutput(predicted_image_embedding=out)
+        return PriorOutput(predicted_image_embedding=out)
 
     def _predict(
         self,

@@ -8,13 +8,24 @@ has no time-embedding fields, and ConfigMixin saves every `__init__` argument.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from eclipse_prior.errors import ConfigError
+
+
+@dataclass
+class PriorOutput(BaseOutput):
+    """Same field as diffusers' PriorTransformerOutput (defined here: importing that module loads every
+    diffusers transformer, seconds of start-up for nothing)."""
+
+    predicted_image_embedding: torch.Tensor
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
