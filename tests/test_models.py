@@ -89,10 +89,14 @@ def test_presets_errors():
         EclipsePrior.from_preset("kandinsky22", embedding_dim=768)
     with pytest.raises(ConfigError, match="kandinsky22.*karlo.*small.*tiny"):
         EclipsePrior.from_preset("huge")
-    small = EclipsePrior.from_preset("small", embedding_dim=64, num_embeddings=16)
+    small = EclipsePrior.from_preset("small", embedding_dim=64, num_embeddings=24)
     assert 1_000_000 <= small.num_parameters() <= 2_000_000
     assert 50_000 <= EclipsePrior.from_preset("tiny").num_parameters() <= 150_000
     assert EclipsePrior.from_preset("karlo", embedding_dim=768).config.embedding_dim == 768
+    with pytest.raises(ConfigError, match="additional_embeddings"):
+        EclipsePrior(num_layers=1, embedding_dim=8, num_embeddings=4, additional_embeddings=4)
+    with pytest.raises(ConfigError, match="additional_embeddings"):
+        DiffusionPrior(num_layers=1, embedding_dim=8, num_embeddings=4, additional_embeddings=3)
 
 
 def test_padding_mask_hides_padded_tokens():

@@ -78,6 +78,7 @@ class DiffusionPrior(PriorNetworkMixin, ConfigMixin):
             added_emb_type,
             embedding_proj_dim,
             clip_embed_dim,
+            time_token=True,
         )
         self.noise_scheduler = self._make_scheduler()
 

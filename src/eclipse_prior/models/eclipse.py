@@ -20,7 +20,9 @@ class EclipsePrior(PriorNetworkMixin, ConfigMixin):
     Sequence: [L text states -> Linear] + [pooled text_embeds -> Linear] + [noise -> proj_in] + [prd token],
     plus a learned positional embedding; causal mask plus the tokenizer padding mask; the prd token's output
     -> norm_out -> proj_to_clip_embeddings is the raw image embedding. `clip_mean`/`clip_std` are stored
-    (the checkpoints hold them) but never applied, and frozen.
+    (the checkpoints hold them) but never applied, and frozen. With a padding mask the outputs equal the
+    authors' class; without one we still apply the causal mask (theirs then applies no mask at all), so a
+    model trains and infers the same way whether or not a caller passes the tokenizer mask.
 
     Pooled-only mode (`num_embeddings=0`, `encoder_hid_proj_type=None`): the network sees only the pooled
     text embedding. Stores are far cheaper (one vector per caption instead of L x D states) and training is

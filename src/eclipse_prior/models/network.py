@@ -58,7 +58,16 @@ class PriorNetworkMixin(ModelMixin):
         added_emb_type: str | None,
         embedding_proj_dim: int | None,
         clip_embed_dim: int | None,
+        time_token: bool = False,
     ) -> None:
+        # Tokens after the text states: pooled text, [time], input, [prd]. Checked here rather than at the
+        # first forward, where a wrong value would surface as a shape error.
+        expected = 2 + int(time_token) + int(added_emb_type == "prd")
+        if additional_embeddings != expected:
+            raise ConfigError(
+                f"additional_embeddings is {additional_embeddings} but this network adds {expected} tokens "
+                f"(pooled text{', time' if time_token else ''}, input{', prd' if added_emb_type == 'prd' else ''})"
+            )
         inner_dim = num_attention_heads * attention_head_dim
         embedding_proj_dim = embedding_proj_dim or embedding_dim
         clip_embed_dim = clip_embed_dim or embedding_dim
@@ -164,11 +173,6 @@ class PriorNetworkMixin(ModelMixin):
         if self.prd_embedding is not None:
             tokens.append(self.prd_embedding.to(x.dtype).expand(batch_size, -1, -1))
         x = torch.cat(tokens, dim=1)
-        if x.shape[1] != self.positional_embedding.shape[1]:
-            raise ConfigError(
-                f"token sequence has length {x.shape[1]} but the config allows {self.positional_embedding.shape[1]} "
-                f"(num_embeddings + additional_embeddings)"
-            )
         x = x + self.positional_embedding.to(x.dtype)
 
         if self.encoder_hidden_states_proj is not None and attention_mask is not None:
