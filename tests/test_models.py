@@ -301,3 +301,25 @@ def test_load_prior_missing_models(tmp_path):
     (tmp_path / "pickled" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelNotFoundError, match="safetensors"):
         load_prior(tmp_path / "pickled")
+
+
+def test_training_prediction_uses_given_noise_timesteps_and_drop():
+    """Passing the randomness reproduces the drawn path exactly (multi-process trainers rely on this)."""
+    torch.manual_seed(0)
+    b, e = 3, 32
+    image, text = torch.randn(b, e), torch.randn(b, e)
+    states, mask = torch.randn(b, 8, e), torch.ones(b, 8, dtype=torch.bool)
+    eclipse = EclipsePrior.from_preset("tiny").eval()
+    noise = torch.randn(b, e, generator=torch.Generator().manual_seed(5))
+    drawn = eclipse.training_prediction(image, text, states, mask, generator=torch.Generator().manual_seed(5))
+    given = eclipse.training_prediction(image, text, states, mask, noise=noise)
+    torch.testing.assert_close(drawn, given, rtol=0, atol=0)
+
+    diffusion = DiffusionPrior.from_preset("tiny").eval()
+    gen = torch.Generator().manual_seed(7)
+    t = torch.randint(0, diffusion.config.num_train_timesteps, (b,), generator=gen)
+    eps = torch.randn(b, e, generator=gen)
+    drop = torch.rand(b, generator=gen) < diffusion.config.cond_drop_prob
+    drawn = diffusion.training_prediction(image, text, states, mask, generator=torch.Generator().manual_seed(7))
+    given = diffusion.training_prediction(image, text, states, mask, noise=eps, timesteps=t, drop=drop)
+    torch.testing.assert_close(drawn, given, rtol=0, atol=0)

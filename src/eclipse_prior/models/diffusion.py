@@ -148,17 +148,29 @@ class DiffusionPrior(PriorNetworkMixin, ConfigMixin):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise `image_embeds` at uniform random timesteps, drop conditions, return the predicted x0.
 
         Draws (timesteps, noise, dropout) from `generator` in that order, so a seeded run is reproducible.
+        A caller may pass any of them instead (a multi-process trainer draws them per global sample, so that
+        N processes reproduce one process exactly); a passed value skips its draw.
         """
         batch = image_embeds.shape[0]
         gen_device = generator.device if generator is not None else image_embeds.device
-        t = torch.randint(0, self.config.num_train_timesteps, (batch,), generator=generator, device=gen_device)
-        t = t.to(image_embeds.device)
-        noise = _randn(tuple(image_embeds.shape), generator, image_embeds)
-        drop = _rand((batch,), generator, image_embeds) < self.config.cond_drop_prob
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.config.num_train_timesteps, (batch,), generator=generator, device=gen_device
+            )
+        t = timesteps.to(image_embeds.device)
+        if noise is None:
+            noise = _randn(tuple(image_embeds.shape), generator, image_embeds)
+        noise = noise.to(image_embeds.device, image_embeds.dtype)
+        if drop is None:
+            drop = _rand((batch,), generator, image_embeds) < self.config.cond_drop_prob
+        drop = drop.to(image_embeds.device)
         x_t = self.noise_scheduler.add_noise(image_embeds, noise, t)
         text_embeds, text_states, text_mask = self._condition(text_embeds, text_states, text_mask, drop)
         return self(x_t, t, text_embeds, text_states, text_mask).predicted_image_embedding

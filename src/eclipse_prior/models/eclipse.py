@@ -95,8 +95,11 @@ class EclipsePrior(PriorNetworkMixin, ConfigMixin):
         text_states: torch.Tensor | None,
         text_mask: torch.Tensor | None,
         generator: torch.Generator | None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        noise = _randn(tuple(text_embeds.shape), generator, text_embeds)
+        if noise is None:
+            noise = _randn(tuple(text_embeds.shape), generator, text_embeds)
+        noise = noise.to(text_embeds.device, text_embeds.dtype)
         if not self.uses_text_states:
             text_states, text_mask = None, None
         return self._run_network(noise, text_embeds, text_states, text_mask)
@@ -108,12 +111,14 @@ class EclipsePrior(PriorNetworkMixin, ConfigMixin):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass g(eps, text) with fresh noise; `image_embeds` is unused (the loss compares against it).
 
-        Text states are ignored in pooled-only mode, so one training loop serves both modes.
+        Text states are ignored in pooled-only mode, so one training loop serves both modes. `noise` may be
+        passed instead of drawn (a multi-process trainer draws it per global sample).
         """
-        return self._predict(text_embeds, text_states, text_mask, generator)
+        return self._predict(text_embeds, text_states, text_mask, generator, noise)
 
     @torch.no_grad()
     def generate_embeds(
