@@ -236,6 +236,7 @@ def test_one_line_errors(store, tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "e"), "--preset", "tiny"]) == 0
     capsys.readouterr()
     _fails(capsys, [*base, "--out", str(tmp_path / "e"), "--preset", "tiny"], "--resume")
+    _fails(capsys, [*base, "--out", str(tmp_path / "e"), "--preset", "small", "--resume"], "preset", "'tiny'")
 
     normalized = make_store(tmp_path / "normalized", n=30, states=False, normalized=True)
     _fails(capsys, ["train", "--data", str(normalized), "--out", str(tmp_path / "f"), "--preset", "tiny"],

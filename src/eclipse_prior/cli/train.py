@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -29,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     # The exact command line when launched as a program; library callers get the resolved equivalent.
     command = shlex.join(["eclipse-prior", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
     run_dir = train(cfg, command=command)
-    print(f"run folder: {run_dir} (prior weights in {run_dir / 'prior'})")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun/accelerate launch
+        print(f"run folder: {run_dir} (prior weights in {run_dir / 'prior'})")
     return 0

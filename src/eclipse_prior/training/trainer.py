@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from eclipse_prior.config import save_config
-from eclipse_prior.errors import ConfigError, StoreError
+from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import eclipse_loss_terms, projection_loss
 from eclipse_prior.training.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
@@ -299,11 +300,33 @@ def _param_groups(prior: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Fields a resumed run must share with the run it continues (the network, the data stream, the objective).
+# Others (steps, logging, checkpoint cadence, workers, tracker) may change on resume.
+RESUME_FIXED = ("data", "objective", "preset", "init_from", "lam", "tau", "batch_size", "grad_accum", "seed",
+                "pooled_only", "mixed_precision")
+
+
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    if (run_dir / "config.yaml").exists() and not cfg.resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a folder")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    if not cfg.resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    if not cfg.pooled_only and saved.get("pooled_only"):
+        cfg.pooled_only = True  # it was switched on by a store without text states; the store has not changed
+    def same(key: str) -> bool:
+        if key == "data":  # the same store may be named by another relative/absolute path
+            return Path(str(saved.get(key))).resolve() == Path(cfg.data).resolve()
+        return saved.get(key) == getattr(cfg, key)
+
+    changed = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in RESUME_FIXED if not same(k)]
+    if changed:
+        raise ConfigError(
+            f"--resume of {run_dir} with different settings: {', '.join(changed)}; keep them or use another --out"
+        )
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
@@ -345,6 +368,12 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             start_step = int(state["step"])
             if main:
                 print(f"resuming {run_dir} from {latest[0].name} (step {start_step})", file=sys.stderr)
+                if state["world_size"] != world:
+                    print(
+                        f"note: checkpoint written by {state['world_size']} process(es), this run has {world}: "
+                        "training continues, but batches and noise differ from an uninterrupted run",
+                        file=sys.stderr,
+                    )
         ema.model.to(accelerator.device)
         model, optimizer = accelerator.prepare(_PredictionStep(prior), optimizer)
 
@@ -464,8 +493,8 @@ def _training_step(
         )
         loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau)
         if not torch.isfinite(loss):
-            raise StoreError(
-                f"loss became {loss.item()} at micro-step {micro_step}; lower --lr or check the store for outliers"
+            raise EclipsePriorError(
+                f"training diverged: loss {loss.item()} at micro-step {micro_step}; lower --lr or check the store"
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.grad_clip > 0:
