@@ -126,7 +126,22 @@ def load_prompt_sets(
 
 
 # -------------------------------------------------------------------------------------------------- noun phrases
-_DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "some", "its", "his", "her", "their", "my", "our"}
+_DETERMINERS = {
+    "a",
+    "an",
+    "the",
+    "this",
+    "that",
+    "these",
+    "those",
+    "some",
+    "its",
+    "his",
+    "her",
+    "their",
+    "my",
+    "our",
+}
 # Words that end a noun phrase in the rule-based chunker: punctuation, conjunctions, prepositions, relation words and
 # the common verbs of the T2I-CompBench prompts. Dropped, never part of a phrase.
 _BOUNDARY = set(
@@ -137,7 +152,21 @@ _BOUNDARY = set(
     "sits sit sitting stands stand standing lies lie lying rests resting hangs hanging hung parked sat placed "
     "holds holding hold led stood contrasted features featuring looks looking shines shining flash flashes covered filled made".split()
 )
-_PRONOUNS = {"it", "they", "he", "she", "one", "other", "another", "them", "there", "here", "who", "which", "what"}
+_PRONOUNS = {
+    "it",
+    "they",
+    "he",
+    "she",
+    "one",
+    "other",
+    "another",
+    "them",
+    "there",
+    "here",
+    "who",
+    "which",
+    "what",
+}
 # Attribute words the rule-based parser treats as adjectives (the reference drops adjectives, found by spaCy's POS
 # tagger, before CLIPScore of complex prompts).
 _ATTRIBUTE_WORDS = set(

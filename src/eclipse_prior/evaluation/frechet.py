@@ -47,7 +47,9 @@ def frechet_distance_features(features1: np.ndarray, features2: np.ndarray) -> f
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
 
 
-def inception_frechet(generated: Sequence[Image.Image], reference: Sequence[Image.Image]) -> tuple[float | None, str]:
+def inception_frechet(
+    generated: Sequence[Image.Image], reference: Sequence[Image.Image]
+) -> tuple[float | None, str]:
     """Classic FID on Inception features via torchmetrics, when it and its dependencies are usable.
 
     Returns (value, note): value None with the reason when torchmetrics, torch-fidelity or the Inception weights are
@@ -62,7 +64,9 @@ def inception_frechet(generated: Sequence[Image.Image], reference: Sequence[Imag
         metric = FrechetInceptionDistance(feature=2048, normalize=False)
         for images, real in ((reference, True), (generated, False)):
             for im in images:
-                pixels = torch.from_numpy(np.asarray(im.convert("RGB").resize((299, 299)), dtype=np.uint8).copy())
+                pixels = torch.from_numpy(
+                    np.asarray(im.convert("RGB").resize((299, 299)), dtype=np.uint8).copy()
+                )
                 metric.update(pixels.permute(2, 0, 1).unsqueeze(0), real=real)
         return float(metric.compute()), "torchmetrics FrechetInceptionDistance (2048-d pool features)"
     except (OSError, RuntimeError, ValueError) as err:  # e.g. Inception weights not downloadable offline

@@ -207,43 +207,39 @@ def pipeline_generator(cfg: BenchmarkConfig) -> Generator:
 
 # ------------------------------------------------------------------------------------------------------- scoring
 class ScorerSet:
-    """The benchmark's judges, each loaded on first use (a run without spatial prompts never loads the detector)."""
+    """The benchmark's judges, each loaded on first use (a run without spatial prompts never loads the detector)
+    and kept by model id, so one set can serve several runs (a resumed run, a sweep over settings)."""
 
-    def __init__(self, cfg: BenchmarkConfig) -> None:
-        self.cfg = cfg
-        self._cache: dict[str, Any] = {}
+    def __init__(self, device: str = "cpu") -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self._cache: dict[tuple[Any, ...], Any] = {}
 
-    def _get(self, name: str, make: Callable[[], Any]) -> Any:
-        if name not in self._cache:
-            self._cache[name] = make()
-        return self._cache[name]
+    def _get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
-    @property
-    def device(self) -> str:
-        if self.cfg.device != "auto":
-            return self.cfg.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def vqa(self, model: str) -> scorers.BlipVqaScorer:
+        return self._get(("vqa", model), lambda: scorers.load_blip_vqa(model, self.device))
 
-    def vqa(self) -> scorers.BlipVqaScorer:
-        return self._get("vqa", lambda: scorers.load_blip_vqa(self.cfg.vqa_model, self.device))
-
-    def detector(self) -> scorers.OwlDetector:
+    def detector(self, model: str, threshold: float) -> scorers.OwlDetector:
         return self._get(
-            "detector",
-            lambda: scorers.load_detector(self.cfg.detector_model, self.device, threshold=self.cfg.detection_threshold),
+            ("detector", model, threshold),
+            lambda: scorers.load_detector(model, self.device, threshold=threshold),
         )
 
-    def clipscore(self) -> scorers.ClipSimilarity:
-        return self._get("clipscore", lambda: scorers.load_clipscore(self.cfg.clipscore_model, self.device))
+    def clipscore(self, model: str) -> scorers.ClipSimilarity:
+        return self._get(("clipscore", model), lambda: scorers.load_clipscore(model, self.device))
 
-    def pickscore(self) -> scorers.ClipSimilarity:
+    def pickscore(self, model: str, processor: str) -> scorers.ClipSimilarity:
         return self._get(
-            "pickscore",
-            lambda: scorers.load_pickscore(self.cfg.pickscore_model, self.cfg.pickscore_processor, self.device),
+            ("pickscore", model, processor), lambda: scorers.load_pickscore(model, processor, self.device)
         )
 
-    def dino(self) -> scorers.DinoFeatures:
-        return self._get("dino", lambda: scorers.load_dino(self.cfg.dino_model, self.device))
+    def dino(self, model: str) -> scorers.DinoFeatures:
+        return self._get(("dino", model), lambda: scorers.load_dino(model, self.device))
 
 
 def _sha256(path: Path) -> str:
@@ -271,58 +267,64 @@ def _scorer_settings(cfg: BenchmarkConfig, category: str, parser_name: str) -> d
     return s
 
 
-def _attribute(judges: ScorerSet, image: Image.Image, prompt: str, parser: compbench.Parser) -> dict[str, Any]:
+def _attribute(
+    judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, prompt: str, parser: compbench.Parser
+) -> dict[str, Any]:
     questions = compbench.vqa_questions(prompt, parser)
-    probs = judges.vqa().yes_probabilities(image, questions)
+    probs = judges.vqa(cfg.vqa_model).yes_probabilities(image, questions)
     return {"questions": questions, "p_yes": probs, "score": compbench.vqa_product(probs)}
 
 
 def _spatial(
-    judges: ScorerSet, image: Image.Image, query: compbench.SpatialQuery | None, weighting: bool
+    judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, query: compbench.SpatialQuery | None
 ) -> dict[str, Any]:
     if query is None:
         return {"query": None, "score": 0.0, "note": "no known relation with two objects found in the prompt"}
-    box1, box2 = judges.detector().best_boxes(image, [query.obj1, query.obj2])
+    detector = judges.detector(cfg.detector_model, cfg.detection_threshold)
+    box1, box2 = detector.best_boxes(image, [query.obj1, query.obj2])
     return {
         "query": asdict(query),
         "box1": _box_dict(box1),
         "box2": _box_dict(box2),
-        "score": compbench.spatial_image_score(query.relation, box1, box2, weighting),
+        "score": compbench.spatial_image_score(query.relation, box1, box2, cfg.spatial_confidence_weighting),
     }
 
 
 def score_item(
-    item: ImageItem, judges: ScorerSet, parser: compbench.Parser, prompt_set: compbench.PromptSet
+    item: ImageItem,
+    cfg: BenchmarkConfig,
+    judges: ScorerSet,
+    parser: compbench.Parser,
+    prompt_set: compbench.PromptSet,
 ) -> dict[str, Any]:
     """The category score of one image with the evidence behind it (questions and P(yes), boxes, ...)."""
-    cfg = judges.cfg
     with Image.open(item.path) as im:
         image = im.convert("RGB")
     metric = compbench.CATEGORY_METRIC.get(item.category, "clipscore")
     detail: dict[str, Any] = {}
     if metric == "blip_vqa":
-        detail["attribute"] = _attribute(judges, image, item.prompt, parser)
+        detail["attribute"] = _attribute(judges, cfg, image, item.prompt, parser)
         score = detail["attribute"]["score"]
     elif metric == "spatial":
         query = compbench.spatial_query(item.prompt, parser)
-        detail["spatial"] = _spatial(judges, image, query, cfg.spatial_confidence_weighting)
+        detail["spatial"] = _spatial(judges, cfg, image, query)
         score = detail["spatial"]["score"]
     elif metric == "3_in_1":
         parts = compbench.complex_parts(item.prompt, parser, prompt_set)
         detail["parts"] = asdict(parts)
-        detail["attribute"] = _attribute(judges, image, item.prompt, parser)
+        detail["attribute"] = _attribute(judges, cfg, image, item.prompt, parser)
         spatial = non_spatial = None
         if parts.spatial:
             query = compbench.spatial_query(item.prompt, parser)
-            detail["spatial"] = _spatial(judges, image, query, cfg.spatial_confidence_weighting)
+            detail["spatial"] = _spatial(judges, cfg, image, query)
             spatial = detail["spatial"]["score"]
         if parts.non_spatial:
             text = parser.drop_adjectives(item.prompt)  # the reference drops adjectives for complex CLIPScore
-            non_spatial = judges.clipscore().scores([image], [text])[0]
+            non_spatial = judges.clipscore(cfg.clipscore_model).scores([image], [text])[0]
             detail["non_spatial"] = {"text": text, "score": non_spatial}
         score = compbench.complex_score(detail["attribute"]["score"], spatial, non_spatial)
     else:
-        score = judges.clipscore().scores([image], [item.prompt])[0]
+        score = judges.clipscore(cfg.clipscore_model).scores([image], [item.prompt])[0]
     return {"score": float(score), "metric": metric, **detail}
 
 
@@ -342,6 +344,7 @@ def _load_previous_scores(path: Path) -> dict[tuple[str, str, int, int], dict[st
 
 def score_images(
     items: Sequence[ImageItem],
+    cfg: BenchmarkConfig,
     judges: ScorerSet,
     parser: compbench.Parser,
     prompt_sets: Sequence[compbench.PromptSet],
@@ -350,7 +353,6 @@ def score_images(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], int]:
     """Score every image (reusing matching records of a previous run); returns (records, number rescored)."""
-    cfg = judges.cfg
     by_cat = {ps.category: ps for ps in prompt_sets}
     previous = _load_previous_scores(out / "scores.jsonl")
     records, rescored = [], 0
@@ -359,7 +361,11 @@ def score_images(
         digest = _sha256(item.path)
         old = previous.get(item.key)
         reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
-        if reusable and with_pickscore and old.get("pickscore_model") != [cfg.pickscore_model, cfg.pickscore_processor]:
+        if (
+            reusable
+            and with_pickscore
+            and old.get("pickscore_model") != [cfg.pickscore_model, cfg.pickscore_processor]
+        ):
             reusable = False
         if reusable:
             records.append(old)
@@ -375,11 +381,13 @@ def score_images(
             "image": str(item.path.relative_to(out)),
             "sha256": digest,
             "settings": settings,
-            **score_item(item, judges, parser, by_cat[item.category]),
+            **score_item(item, cfg, judges, parser, by_cat[item.category]),
         }
         if with_pickscore:
             with Image.open(item.path) as im:
-                rec["pickscore"] = judges.pickscore().scores([im.convert("RGB")], [item.prompt])[0]
+                rec["pickscore"] = judges.pickscore(cfg.pickscore_model, cfg.pickscore_processor).scores(
+                    [im.convert("RGB")], [item.prompt]
+                )[0]
             rec["pickscore_model"] = [cfg.pickscore_model, cfg.pickscore_processor]
         records.append(rec)
         rescored += 1
@@ -409,7 +417,9 @@ def preference(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_prior: dict[str, dict[tuple[str, int, int], float]] = {}
     for r in records:
         if "pickscore" in r:
-            per_prior.setdefault(r["prior"], {})[(r["category"], r["prompt_index"], r["image_index"])] = r["pickscore"]
+            per_prior.setdefault(r["prior"], {})[(r["category"], r["prompt_index"], r["image_index"])] = r[
+                "pickscore"
+            ]
     if len(per_prior) < 2:
         return {}
     common = sorted(set.intersection(*(set(v) for v in per_prior.values())))
@@ -434,17 +444,19 @@ def _load_images(paths: Iterable[Path]) -> list[Image.Image]:
 
 
 def image_quality(
-    items: Sequence[ImageItem], judges: ScorerSet, reference: Path, use_inception: bool
+    items: Sequence[ImageItem], cfg: BenchmarkConfig, judges: ScorerSet, reference: Path
 ) -> tuple[dict[str, Any], list[str]]:
     """Frechet distance of each prior's images to the reference folder on DINOv2 (and Inception) features."""
-    cfg, notes = judges.cfg, []
+    notes: list[str] = []
     ref_paths = _list_images(reference)
     if len(ref_paths) < 2:
-        raise ConfigError(f"reference folder {str(reference)!r} needs at least 2 images, found {len(ref_paths)}")
+        raise ConfigError(
+            f"reference folder {str(reference)!r} needs at least 2 images, found {len(ref_paths)}"
+        )
 
     def features(paths: Sequence[Path]) -> np.ndarray:
         chunks = [
-            judges.dino().features(_load_images(paths[i : i + cfg.batch_size]))
+            judges.dino(cfg.dino_model).features(_load_images(paths[i : i + cfg.batch_size]))
             for i in range(0, len(paths), cfg.batch_size)
         ]
         return np.concatenate(chunks)
@@ -453,13 +465,18 @@ def image_quality(
     by_prior: dict[str, list[Path]] = {}
     for it in items:
         by_prior.setdefault(it.prior, []).append(it.path)
-    result: dict[str, Any] = {"reference": str(reference), "n_reference": len(ref_paths), "dino": {}, "inception": {}}
+    result: dict[str, Any] = {
+        "reference": str(reference),
+        "n_reference": len(ref_paths),
+        "dino": {},
+        "inception": {},
+    }
     for prior, paths in by_prior.items():
         if len(paths) < 2:
             notes.append(f"Frechet distance skipped for {prior}: needs at least 2 images")
             continue
         result["dino"][prior] = frechet.frechet_distance_features(features(paths), ref_feats)
-    if use_inception:
+    if cfg.inception:
         ref_images = _load_images(ref_paths)
         for prior, paths in by_prior.items():
             value, note = frechet.inception_frechet(_load_images(paths), ref_images)
@@ -491,14 +508,18 @@ def format_summary(results: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"(mean over images, 95% bootstrap interval over prompts; noun phrases: {results['parser']})")
+    lines.append(
+        f"(mean over images, 95% bootstrap interval over prompts; noun phrases: {results['parser']})"
+    )
     pref = results.get("preference")
     if pref:
         lines += ["", f"PickScore win rate (row beats column, {pref['n_items']} paired images):"]
         w = max(len(p) for p in priors) + 2
         lines.append(" " * w + "".join(p.rjust(w) for p in priors))
         for a in priors:
-            cells = ["-" if pref["win_rate"][a][b] is None else f"{pref['win_rate'][a][b]:.3f}" for b in priors]
+            cells = [
+                "-" if pref["win_rate"][a][b] is None else f"{pref['win_rate'][a][b]:.3f}" for b in priors
+            ]
             lines.append(a.ljust(w) + "".join(c.rjust(w) for c in cells))
     quality = results.get("image_quality")
     if quality:
@@ -540,12 +561,12 @@ def run_benchmark(
     report = ensure_images(items, generate or pipeline_generator(cfg), request_base, progress)
 
     parser = compbench.get_parser(cfg.noun_phrases)
-    judges = judges or ScorerSet(cfg)
+    judges = judges or ScorerSet(cfg.device)
     with_pick = len(priors) >= 2
     notes: list[str] = []
     if not with_pick:
         notes.append("PickScore preference skipped: it compares two or more priors")
-    records, rescored = score_images(items, judges, parser, prompt_sets, out, with_pick, progress)
+    records, rescored = score_images(items, cfg, judges, parser, prompt_sets, out, with_pick, progress)
 
     results: dict[str, Any] = {
         "priors": list(priors),
@@ -561,7 +582,13 @@ def run_benchmark(
         "categories": aggregate(records, cfg.bootstrap_resamples, cfg.seed),
         "scorers": {
             k: getattr(cfg, k)
-            for k in ("vqa_model", "detector_model", "clipscore_model", "pickscore_model", "pickscore_processor")
+            for k in (
+                "vqa_model",
+                "detector_model",
+                "clipscore_model",
+                "pickscore_model",
+                "pickscore_processor",
+            )
         },
         "spatial": {
             "detection_threshold": cfg.detection_threshold,
@@ -582,7 +609,7 @@ def run_benchmark(
     if with_pick:
         results["preference"] = preference(records)
     if cfg.reference_images:
-        quality, q_notes = image_quality(items, judges, Path(cfg.reference_images).expanduser(), cfg.inception)
+        quality, q_notes = image_quality(items, cfg, judges, Path(cfg.reference_images).expanduser())
         results["image_quality"] = quality
         notes += q_notes
     results["notes"] = notes

@@ -126,29 +126,41 @@ class BlipVqaScorer:
 
     @torch.inference_mode()
     def yes_probabilities(self, image: Image.Image, questions: Sequence[str]) -> list[float]:
-        """P("yes") for each question about one image (the image is encoded once)."""
+        """P("yes") for each question about one image (the image is encoded once).
+
+        Questions go through the text towers one at a time, unpadded: in transformers 5.24 the padding mask of a
+        batched question does not fully reach the answer decoder's cross-attention (P moved by ~1e-3 in our tests).
+        """
         if not questions:
             return []
         pixels = self.processor.image_processor(images=_rgb([image]), return_tensors="pt")["pixel_values"]
-        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
-        q = self.processor.tokenizer(
-            list(questions), padding=True, truncation=True, max_length=VQA_QUESTION_MAX_LENGTH, return_tensors="pt"
-        )
-        ids, mask = q["input_ids"].to(self.device), q["attention_mask"].to(self.device)
-        embeds = image_embeds.expand(len(questions), -1, -1)
-        states = self.model.text_encoder(
-            input_ids=ids,
-            attention_mask=mask,
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device),
+        image_embeds = self.model.vision_model(
+            pixel_values=pixels.to(self.device, self.dtype)
         ).last_hidden_state
-        log_yes = self._answer_log_prob(states, mask, self._answer_ids("yes"))
-        log_no = self._answer_log_prob(states, mask, self._answer_ids("no"))
-        return torch.sigmoid(log_yes - log_no).tolist()  # = p_yes / (p_yes + p_no)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        yes, no = self._answer_ids("yes"), self._answer_ids("no")
+        probs = []
+        for question in questions:
+            q = self.processor.tokenizer(
+                [question], truncation=True, max_length=VQA_QUESTION_MAX_LENGTH, return_tensors="pt"
+            )
+            ids, mask = q["input_ids"].to(self.device), q["attention_mask"].to(self.device)
+            states = self.model.text_encoder(
+                input_ids=ids,
+                attention_mask=mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state
+            log_yes = self._answer_log_prob(states, mask, yes)
+            log_no = self._answer_log_prob(states, mask, no)
+            probs.append(float(torch.sigmoid(log_yes - log_no)))  # = p_yes / (p_yes + p_no)
+        return probs
 
 
 def load_blip_vqa(
-    id_or_path: str = DEFAULT_VQA_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    id_or_path: str = DEFAULT_VQA_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> BlipVqaScorer:
     """BlipForQuestionAnswering + BlipProcessor (tokenizer and image processor) from one folder or hub id."""
     from transformers import BlipForQuestionAnswering, BlipProcessor
@@ -190,7 +202,9 @@ class OwlDetector:
             pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
         )
         scores = torch.sigmoid(outputs.logits[0].float())  # (boxes, queries)
-        boxes = outputs.pred_boxes[0].float()  # (boxes, 4) centre x, centre y, w, h relative to the padded square
+        boxes = outputs.pred_boxes[
+            0
+        ].float()  # (boxes, 4) centre x, centre y, w, h relative to the padded square
         side = float(max(image.size))
         found: list[Box | None] = []
         for qi in range(len(queries)):
@@ -219,7 +233,13 @@ def load_detector(
 
     (model, processor), name = _load("OWLv2 detector", "--detector-model", id_or_path, loader)
     return OwlDetector(
-        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype, threshold
+        _prepare(model, device, dtype),
+        processor,
+        name,
+        _revision(model, name),
+        torch.device(device),
+        dtype,
+        threshold,
     )
 
 
@@ -264,24 +284,45 @@ class ClipSimilarity:
 
 
 def _load_clip_similarity(
-    kind: str, flag: str, model_id: str, processor_id: str, device: str | torch.device, dtype: torch.dtype, scaled: bool
+    kind: str,
+    flag: str,
+    model_id: str,
+    processor_id: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    scaled: bool,
 ) -> ClipSimilarity:
     from transformers import AutoProcessor, CLIPModel
 
-    model, name = _load(kind, flag, model_id, lambda n, kw: CLIPModel.from_pretrained(n, use_safetensors=True, **kw))
+    model, name = _load(
+        kind, flag, model_id, lambda n, kw: CLIPModel.from_pretrained(n, use_safetensors=True, **kw)
+    )
     processor, _ = _load(
-        f"{kind} processor", flag.replace("-model", "-processor"), processor_id, lambda n, kw: AutoProcessor.from_pretrained(n, **kw)
+        f"{kind} processor",
+        flag.replace("-model", "-processor"),
+        processor_id,
+        lambda n, kw: AutoProcessor.from_pretrained(n, **kw),
     )
     return ClipSimilarity(
-        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype, scaled
+        _prepare(model, device, dtype),
+        processor,
+        name,
+        _revision(model, name),
+        torch.device(device),
+        dtype,
+        scaled,
     )
 
 
 def load_clipscore(
-    id_or_path: str = DEFAULT_CLIPSCORE_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    id_or_path: str = DEFAULT_CLIPSCORE_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> ClipSimilarity:
     """CLIPModel + its processor from one folder or id; unscaled cosine."""
-    return _load_clip_similarity("CLIPScore", "--clipscore-model", id_or_path, id_or_path, device, dtype, False)
+    return _load_clip_similarity(
+        "CLIPScore", "--clipscore-model", id_or_path, id_or_path, device, dtype, False
+    )
 
 
 def load_pickscore(
@@ -291,7 +332,9 @@ def load_pickscore(
     dtype: torch.dtype = torch.float32,
 ) -> ClipSimilarity:
     """PickScore: its CLIPModel with the processor of the CLIP it was fine-tuned from; logit-scaled cosine."""
-    return _load_clip_similarity("PickScore", "--pickscore-model", model_id, processor_id, device, dtype, True)
+    return _load_clip_similarity(
+        "PickScore", "--pickscore-model", model_id, processor_id, device, dtype, True
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- DINOv2
@@ -314,7 +357,9 @@ class DinoFeatures:
 
 
 def load_dino(
-    id_or_path: str = DEFAULT_DINO_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    id_or_path: str = DEFAULT_DINO_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> DinoFeatures:
     """Dinov2Model + its image processor from one folder or hub id."""
     from transformers import AutoImageProcessor, Dinov2Model

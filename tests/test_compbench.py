@@ -1,0 +1,231 @@
+"""The benchmark's maths on constructed inputs: prompt files, noun phrases, the spatial rule, VQA products,
+3-in-1 means, bootstrap intervals, win rates, Frechet distances and the paper's table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eclipse_prior.errors import ConfigError
+from eclipse_prior.evaluation import compbench, frechet, paper_numbers, stats
+from eclipse_prior.evaluation.compbench import Box, position_score, spatial_image_score
+
+COMPBENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "t2i-compbench"
+RULES = compbench.RuleParser()
+
+
+# ------------------------------------------------------------------------------------------------- prompt files
+def test_category_from_filename():
+    assert compbench.category_from_filename("x/color_val.txt") == "color"
+    assert compbench.category_from_filename("non_spatial_val.txt") == "non_spatial"
+    assert compbench.category_from_filename("colour.txt") == "color"
+    assert compbench.category_from_filename("my_prompts.txt") == "my_prompts"
+
+
+@pytest.mark.skipif(not COMPBENCH_DIR.is_dir(), reason="T2I-CompBench prompt files not present")
+def test_reads_the_real_compbench_folder():
+    sets = compbench.load_prompt_sets([COMPBENCH_DIR])
+    assert sorted(ps.category for ps in sets) == sorted(compbench.CATEGORIES)
+    for ps in sets:
+        assert 290 <= len(ps.prompts) <= 300
+        assert all(p == p.strip() and "\r" not in p for p in ps.prompts)
+    color = compbench.load_prompt_sets([COMPBENCH_DIR], categories=["color"], max_prompts=3)
+    assert [ps.category for ps in color] == ["color"] and len(color[0].prompts) == 3
+    assert color[0].prompts[0] == "a green bench and a blue bowl"
+
+
+def test_prompt_files_errors_and_complex_lists(tmp_path):
+    (tmp_path / "complex_val.txt").write_text(
+        "The cat is on the left of the dog.\r\nA man reads a red book.\r\n\r\n"
+    )
+    (tmp_path / "complex_val_spatial.txt").write_text("The cat is on the left of the dog.\n")
+    (tmp_path / "complex_val_action.txt").write_text("A man reads a red book.\n")
+    (tmp_path / "LICENSE.txt").write_text("MIT")
+    (ps,) = compbench.load_prompt_sets([tmp_path])
+    assert ps.category == "complex" and len(ps.prompts) == 2
+    assert compbench.complex_parts(ps.prompts[0], RULES, ps) == compbench.ComplexParts(
+        spatial=True, non_spatial=False, rule="reference-lists"
+    )
+    assert compbench.complex_parts(ps.prompts[1], RULES, ps).non_spatial is True
+    assert compbench.complex_parts(ps.prompts[1], RULES, ps).spatial is False
+    with pytest.raises(ConfigError, match="does not exist"):
+        compbench.load_prompt_sets([tmp_path / "nope"])
+    with pytest.raises(ConfigError, match="no prompt file for categories"):
+        compbench.load_prompt_sets([tmp_path], categories=["spatial"])
+
+
+# ---------------------------------------------------------------------------------------------- noun phrases, VQA
+def test_rule_chunker_matches_spacy_on_the_template():
+    assert RULES.noun_chunks("a green bench and a blue bowl") == ["a green bench", "a blue bowl"]
+    assert RULES.noun_chunks("rubber sole shoes and fluffy clouds") == ["rubber sole shoes", "fluffy clouds"]
+    assert compbench.vqa_questions("an oblong cucumber and a teardrop plum", RULES) == [
+        "an oblong cucumber?",
+        "a teardrop plum?",
+    ]
+    assert RULES.drop_adjectives("The red hat was on top of the brown coat rack.") == (
+        "The hat was on top of the coat rack ."
+    )
+
+
+def test_vqa_product_of_known_probabilities():
+    assert compbench.vqa_product([0.9, 0.5, 0.2]) == pytest.approx(0.09)
+    assert compbench.vqa_product([0.7]) == pytest.approx(0.7)
+    assert compbench.vqa_product([]) == 1.0  # no question asked: the reference multiplies by 1
+
+
+def test_parser_choice():
+    assert compbench.get_parser("rules").name == "rules"
+    assert compbench.get_parser("auto").name in ("rules", "spacy:en_core_web_sm")
+    with pytest.raises(ConfigError):
+        compbench.get_parser("nltk")
+
+
+# -------------------------------------------------------------------------------------------------- spatial rule
+def sq(x: float, y: float, size: float = 100.0, score: float = 1.0) -> Box:
+    return Box(x, y, x + size, y + size, score)
+
+
+def test_box_iou():
+    assert compbench.box_iou(sq(0, 0), sq(0, 0)) == pytest.approx(1.0)
+    assert compbench.box_iou(sq(0, 0), sq(200, 0)) == 0.0
+    assert compbench.box_iou(sq(0, 0), sq(50, 0)) == pytest.approx(5000 / 15000)
+
+
+@pytest.mark.parametrize(
+    "relation, box1, box2, expected",
+    [
+        ("on the left of", sq(0, 0), sq(300, 0), 1.0),  # dx = 300 > 0, no overlap
+        ("on the left of", sq(300, 0), sq(0, 0), 0.0),  # object 1 is on the right
+        ("on the left of", sq(0, 0), sq(50, 0), 0.1 / (1 / 3)),  # IoU 1/3 >= 0.1: penalised 0.1 / IoU
+        ("on the left of", sq(0, 0), sq(100, 200), 0.0),  # |dy| > |dx|: not a left/right relation
+        ("on the right of", sq(300, 0), sq(0, 0), 1.0),
+        ("on the right of", sq(50, 0), sq(0, 0), 0.3),
+        ("on the top of", sq(0, 0), sq(0, 300), 1.0),  # y grows down: dy > 0 means object 1 is above
+        ("on the top of", sq(0, 300), sq(0, 0), 0.0),
+        ("on top of", sq(0, 0), sq(0, 300), 1.0),
+        ("on the bottom of", sq(0, 300), sq(0, 0), 1.0),
+        ("on the bottom of", sq(0, 0), sq(0, 300), 0.0),
+        ("next to", sq(0, 0), sq(100, 100), 1.0),  # both centre distances under 150 px
+        ("near", sq(0, 0), sq(100, 400), 1.0),  # |dx| = 100 < 150 is enough
+        ("on side of", sq(0, 0), sq(300, 400), 150 / 400),  # else 150 / max(|dx|, |dy|)
+    ],
+)
+def test_position_score_known_boxes(relation, box1, box2, expected):
+    assert position_score(relation, box1, box2) == pytest.approx(expected)
+
+
+def test_iou_exactly_at_threshold_scores_one():
+    # boxes 100 wide overlapping by w: IoU = 100w / (20000 - 100w) = 0.1  <=>  w = 2000/110
+    w = 2000 / 110
+    b1, b2 = Box(0, 0, 100, 100), Box(100 - w, 0, 200 - w, 100)
+    assert compbench.box_iou(b1, b2) == pytest.approx(0.1)
+    assert position_score("on the left of", b1, b2) == pytest.approx(1.0)
+
+
+def test_spatial_image_score_detections_and_confidence_weighting():
+    a, b = sq(0, 0, score=0.8), sq(300, 0, score=0.9)
+    assert spatial_image_score("on the left of", a, b) == 1.0
+    assert spatial_image_score("on the left of", a, None) == 0.0
+    assert spatial_image_score("on the left of", None, None) == 0.0
+    # reference UniDet formula: 0.25 * conf1 + 0.25 * conf2 + position / 2, zero below 0.5
+    assert spatial_image_score("on the left of", a, b, confidence_weighting=True) == pytest.approx(0.925)
+    assert spatial_image_score("on the right of", a, b, confidence_weighting=True) == 0.0  # 0.425 < 0.5
+    assert spatial_image_score("on the left of", a, None, confidence_weighting=True) == 0.0  # 0.2 < 0.5
+    with pytest.raises(ConfigError):
+        position_score("behind", a, b)
+
+
+def test_spatial_query_extracts_objects_and_relation():
+    q = compbench.spatial_query("a traffic light on the left of a stop sign", RULES)
+    assert q == compbench.SpatialQuery("traffic light", "on the left of", "stop sign")
+    assert compbench.spatial_query("a mouse on side of a key", RULES).relation == "on side of"
+    assert compbench.spatial_query("The red hat was on top of the brown coat rack.", RULES) == (
+        compbench.SpatialQuery("red hat", "on top of", "brown coat rack")
+    )
+    assert compbench.spatial_query("a cat in a box", RULES) is None
+    assert compbench.spatial_query("a linear cat", RULES) is None  # "near" only as a word
+
+
+def test_complex_mean_of_applicable_parts():
+    assert compbench.complex_score(0.6, None, 0.3) == pytest.approx(0.45)
+    assert compbench.complex_score(0.6, 0.0, 0.3) == pytest.approx(0.3)
+    parts = compbench.complex_parts("The cat is on the left of the dog.", RULES)
+    assert (parts.attribute, parts.spatial, parts.non_spatial) == (True, True, True)
+    assert compbench.complex_parts("A man reads a red book.", RULES).spatial is False
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def test_bootstrap_interval_contains_mean_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.5, 0.1, size=200)
+    groups = np.repeat(np.arange(50), 4)
+    ci = stats.bootstrap_ci(values, groups, n_resamples=500, seed=3)
+    assert ci.low <= ci.mean <= ci.high and ci.mean == pytest.approx(values.mean())
+    assert ci == stats.bootstrap_ci(values, groups, n_resamples=500, seed=3)
+    assert ci != stats.bootstrap_ci(values, groups, n_resamples=500, seed=4)
+    # a prompt-level bootstrap is wider than an image-level one when images of a prompt agree
+    clustered = np.repeat(rng.normal(0.5, 0.2, size=20), 10)
+    by_prompt = stats.bootstrap_ci(clustered, np.repeat(np.arange(20), 10), seed=0)
+    by_image = stats.bootstrap_ci(clustered, seed=0)
+    assert by_prompt.high - by_prompt.low > 2 * (by_image.high - by_image.low)
+    constant = stats.bootstrap_ci([0.25] * 5)
+    assert (constant.low, constant.mean, constant.high) == (0.25, 0.25, 0.25)
+
+
+def test_win_rate_hand_made_2x2():
+    # two priors, two prompts x two seeds: A wins (prompt0, seed0) and (prompt1, seed1), ties (prompt1, seed0)
+    a = [0.9, 0.1, 0.5, 0.8]
+    b = [0.2, 0.7, 0.5, 0.3]
+    assert stats.win_rate(a, b) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    m = stats.win_rate_matrix({"A": a, "B": b})
+    assert m["A"]["A"] is None and m["A"]["B"] == pytest.approx(0.625) and m["B"]["A"] == pytest.approx(0.375)
+    with pytest.raises(ValueError):
+        stats.win_rate([1.0], [1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------------------------ Frechet
+def test_frechet_identical_sets_is_zero():
+    feats = np.random.default_rng(0).normal(size=(64, 8))
+    assert frechet.frechet_distance_features(feats, feats) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_matches_gaussian_closed_form():
+    # diagonal covariances: FD = |mu1 - mu2|^2 + sum_i (s1_i + s2_i - 2 sqrt(s1_i s2_i))
+    mu1, mu2 = np.zeros(2), np.array([1.0, 2.0])
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
+    assert frechet.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(5 + 1 + 1)
+    # rotated full covariances keep the value (the distance is rotation invariant)
+    theta = 0.3
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    assert frechet.frechet_distance(
+        rot @ mu1, rot @ s1 @ rot.T, rot @ mu2, rot @ s2 @ rot.T
+    ) == pytest.approx(7)
+    # sample statistics feed the same formula
+    x = np.random.default_rng(0).normal(size=(500, 3))
+    y = 2.0 * x + 1.0  # mean 1, covariance 4 * cov(x)
+    mx, sx = frechet.feature_statistics(x)
+    expected = frechet.frechet_distance(mx, sx, 2 * mx + 1, 4 * sx)
+    assert frechet.frechet_distance_features(x, y) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        frechet.feature_statistics(np.zeros((1, 3)))
+
+
+# ------------------------------------------------------------------------------------------------- paper numbers
+def test_paper_numbers_by_decoder():
+    assert paper_numbers.decoder_family("kandinsky22") == "kandinsky22"
+    assert paper_numbers.decoder_family("kandinsky-community/kandinsky-2-2-decoder") == "kandinsky22"
+    assert paper_numbers.decoder_family("kakaobrain/karlo-v1-alpha") == "karlo"
+    assert paper_numbers.decoder_family("/tmp/my_decoder") is None
+    eclipse_k = paper_numbers.paper_rows("kandinsky22")[1]
+    assert eclipse_k.prior_params == "34M"
+    assert eclipse_k.scores == {
+        "color": 0.6119,
+        "shape": 0.5429,
+        "texture": 0.6165,
+        "spatial": 0.1903,
+        "non_spatial": 0.3139,
+    }
+    assert "non_spatial" not in paper_numbers.paper_rows("karlo")[-1].scores  # the MSCOCO ablation has four
+    assert paper_numbers.paper_rows("/tmp/my_decoder") == []

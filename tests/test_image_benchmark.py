@@ -1,0 +1,363 @@
+"""The image benchmark's plumbing: tiny random scorer models (the real transformers classes) saved to disk and loaded
+back through our loaders, the image cache and resume, and whole runs with a stand-in generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from eclipse_prior.cli import main
+from eclipse_prior.errors import ModelNotFoundError
+from eclipse_prior.evaluation import frechet, scorers
+from eclipse_prior.evaluation import image_benchmark as ib
+
+BERT_WORDS = (
+    "a an the of on in and with left right top next to near red green blue bench bowl cat dog yes no".split()
+)
+
+
+def build_tiny_bert_tokenizer():
+    """WordPiece tokenizer with BERT's special tokens plus BLIP's [DEC] start token (transformers 5: vocab dict)."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "?", *BERT_WORDS]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=64)
+
+
+def save_tiny_blip_vqa(path: Path) -> Path:
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessorPil, BlipProcessor
+
+    tok = build_tiny_bert_tokenizer()
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(path)
+    BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_owlv2(path: Path) -> Path:
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(max_length=16)
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    Owlv2ForObjectDetection(
+        Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    ).save_pretrained(path)
+    Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_dinov2(path: Path) -> Path:
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    Dinov2Model(config).save_pretrained(path)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine thread spinning made them ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def judges() -> ib.ScorerSet:
+    """One set of loaded scorers for all runs of this file (each run would otherwise reload them)."""
+    return ib.ScorerSet("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tiny_clip_dir) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("scorers")
+    return {
+        "vqa": str(save_tiny_blip_vqa(root / "blip")),
+        "owl": str(save_tiny_owlv2(root / "owl")),
+        "dino": str(save_tiny_dinov2(root / "dino")),
+        "clip": str(tiny_clip_dir),
+    }
+
+
+def picture(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------- the scorers
+def test_blip_yes_probability_is_the_first_answer_token_renormalised(tiny_models):
+    vqa = scorers.load_blip_vqa(tiny_models["vqa"])
+    image = picture(0)
+    questions = ["a red bench?", "a blue bowl with a dog?"]
+    probs = vqa.yes_probabilities(image, questions)
+    assert len(probs) == 2 and all(0.0 < p < 1.0 for p in probs)
+    assert vqa.yes_probabilities(image, []) == []
+    # independent route: transformers' own generate() gives the first decoder step's logits
+    tok = vqa.processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    for question, p in zip(questions, probs, strict=True):
+        inputs = vqa.processor(images=image, text=question, return_tensors="pt")
+        out = vqa.model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        first = torch.softmax(out.scores[0][0].float(), dim=-1)
+        assert p == pytest.approx(float(first[yes] / (first[yes] + first[no])), abs=1e-5)
+
+
+def test_owlv2_best_box_per_query_in_image_pixels(tiny_models):
+    det = scorers.load_detector(tiny_models["owl"], threshold=0.0)
+    image = picture(1, size=(64, 40))  # not square: OWLv2 pads to 64 x 64
+    (box,) = det.best_boxes(image, ["cat"])
+    inputs = det.processor(text=[["cat"]], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        outputs = det.model(**inputs)
+    (ref,) = det.processor.post_process_grounded_object_detection(
+        outputs, threshold=0.0, target_sizes=[(40, 64)]
+    )
+    best = int(torch.argmax(ref["scores"]))
+    assert box is not None and box.score == pytest.approx(float(ref["scores"][best]), abs=1e-6)
+    assert [box.x_min, box.y_min, box.x_max, box.y_max] == pytest.approx(
+        ref["boxes"][best].tolist(), abs=1e-3
+    )
+    assert scorers.load_detector(tiny_models["owl"], threshold=1.0).best_boxes(image, ["cat", "dog"]) == [
+        None,
+        None,
+    ]
+
+
+def test_clipscore_is_plain_cosine_and_pickscore_is_scaled(tiny_models):
+    clipscore = scorers.load_clipscore(tiny_models["clip"])
+    pick = scorers.load_pickscore(tiny_models["clip"], tiny_models["clip"])
+    images, texts = [picture(2), picture(3)], ["a red square", "a blue circle on the left of a cat"]
+    cos = clipscore.scores(images, texts)
+    inputs = clipscore.processor(text=texts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = clipscore.model(**inputs).logits_per_image
+    scale = float(clipscore.model.logit_scale.exp())
+    assert cos == pytest.approx((torch.diagonal(logits) / scale).tolist(), abs=1e-5)
+    assert pick.scores(images, texts) == pytest.approx(torch.diagonal(logits).tolist(), abs=1e-4)
+
+
+def test_dino_features_are_the_cls_output(tiny_models):
+    dino = scorers.load_dino(tiny_models["dino"])
+    feats = dino.features([picture(4), picture(5), picture(4)])
+    assert feats.shape == (3, 32) and np.allclose(feats[0], feats[2])
+    assert frechet.frechet_distance_features(feats[:2].repeat(2, 0), feats[:2].repeat(2, 0)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_missing_models_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="no such folder.*--vqa-model") as err:
+        scorers.load_blip_vqa(str(tmp_path / "missing"))
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="facebook/dinov2-base.*--dino-model") as err:
+        scorers.load_dino("facebook/dinov2-base")
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- cache and runs
+class StandInGenerator:
+    """A real (if simple) generator: draws two coloured boxes whose place depends on prior, prompt and seed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def __call__(self, prior: str, prompt: str, seed: int) -> tuple[Image.Image, dict]:
+        self.calls.append((prior, prompt, seed))
+        rng = np.random.default_rng(abs(hash((prior, prompt, seed))) % 2**32)
+        image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(2):
+            x, y = (int(v) for v in rng.integers(0, 40, 2))
+            draw.rectangle([x, y, x + 20, y + 20], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        return image, {"prompt": prompt, "seed": seed, "prior": prior, "generator": "stand-in"}
+
+
+def write_prompts(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "color_val.txt").write_text("a green bench and a blue bowl\r\na red cat and a blue dog\r\n")
+    (root / "spatial_val.txt").write_text("a cat on the left of a dog\na bench next to a bowl\n")
+    (root / "non_spatial_val.txt").write_text("a cat is looking at a dog\n")
+    (root / "complex_val.txt").write_text("The red cat is on the left of the blue dog.\n")
+    return root
+
+
+def make_config(tmp_path: Path, models: dict[str, str], **kw) -> ib.BenchmarkConfig:
+    base = dict(
+        priors=["eclipse=/runs/eclipse", "/runs/projection"],
+        decoder="kandinsky22",
+        prompts=[str(write_prompts(tmp_path / "prompts"))],
+        out=str(tmp_path / "out"),
+        images_per_prompt=2,
+        seed=7,
+        vqa_model=models["vqa"],
+        detector_model=models["owl"],
+        clipscore_model=models["clip"],
+        pickscore_model=models["clip"],
+        pickscore_processor=models["clip"],
+        dino_model=models["dino"],
+        detection_threshold=0.0,
+        bootstrap_resamples=200,
+    )
+    base.update(kw)
+    return ib.BenchmarkConfig(**base)
+
+
+def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
+    cfg = make_config(tmp_path, tiny_models)
+    gen = StandInGenerator()
+    first = ib.run_benchmark(cfg, generate=gen, judges=judges, progress=False)
+    n_images = 2 * (2 + 2 + 1 + 1) * 2  # priors x prompts x images per prompt
+    assert len(gen.calls) == n_images and first.generation.generated == n_images
+    assert {seed for _, _, seed in gen.calls} == {7, 8}  # image j uses seed + j, the same for both priors
+    out = Path(cfg.out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["priors"] == ["eclipse", "projection"]
+    assert set(res["categories"]) == {"color", "spatial", "non_spatial", "complex"}
+    for per in res["categories"].values():
+        for ci in per.values():
+            assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == n_images
+    color = next(r for r in records if r["category"] == "color")
+    assert color["attribute"]["questions"] == ["a green bench?", "a blue bowl?"]
+    assert color["score"] == pytest.approx(np.prod(color["attribute"]["p_yes"]))
+    spatial = next(r for r in records if r["category"] == "spatial" and r["prompt_index"] == 0)
+    assert spatial["spatial"]["query"] == {"obj1": "cat", "relation": "on the left of", "obj2": "dog"}
+    assert spatial["spatial"]["box1"] is not None  # threshold 0: the best box is always kept
+    cpx = next(r for r in records if r["category"] == "complex")
+    parts = [cpx[k]["score"] for k in ("attribute", "spatial", "non_spatial")]
+    assert cpx["score"] == pytest.approx(np.mean(parts))
+    # the table holds the means of the per-image scores
+    eclipse_color = [r["score"] for r in records if r["category"] == "color" and r["prior"] == "eclipse"]
+    assert res["categories"]["color"]["eclipse"]["mean"] == pytest.approx(np.mean(eclipse_color))
+    pref = res["preference"]
+    assert pref["n_items"] == n_images // 2
+    assert pref["win_rate"]["eclipse"]["projection"] + pref["win_rate"]["projection"][
+        "eclipse"
+    ] == pytest.approx(1)
+    assert "0.6119" in first.summary and "ECLIPSE-Kandinsky v2.2" in first.summary
+    assert res["parser"] in ("rules", "spacy:en_core_web_sm")
+
+    # a repeated run generates nothing and rescores nothing
+    gen2 = StandInGenerator()
+    second = ib.run_benchmark(cfg, generate=gen2, judges=judges, progress=False)
+    assert gen2.calls == [] and second.generation.reused == n_images
+    assert second.results["scoring"] == {"rescored": 0, "reused": n_images}
+    assert second.results["categories"] == res["categories"]
+
+    # an interrupted image (sidecar missing) and one made with other settings are regenerated, nothing else
+    victim = out / "images" / "eclipse" / "color" / "p0000_i00.json"
+    victim.unlink()
+    other = out / "images" / "projection" / "spatial" / "p0001_i01.json"
+    meta = json.loads(other.read_text())
+    meta["benchmark"]["seed"] = 123
+    other.write_text(json.dumps(meta))
+    gen3 = StandInGenerator()
+    third = ib.run_benchmark(cfg, generate=gen3, judges=judges, progress=False)
+    assert sorted(gen3.calls) == sorted(
+        [
+            ("/runs/eclipse", "a green bench and a blue bowl", 7),
+            ("/runs/projection", "a bench next to a bowl", 8),
+        ]
+    )
+    assert third.results["scoring"]["rescored"] <= 2
+
+    # other generation settings (more images per prompt) reuse what exists and add the rest
+    gen4 = StandInGenerator()
+    ib.run_benchmark(
+        make_config(tmp_path, tiny_models, images_per_prompt=3), generate=gen4, judges=judges, progress=False
+    )
+    assert len(gen4.calls) == n_images // 2 and {seed for _, _, seed in gen4.calls} == {9}
+
+
+def test_one_prior_with_reference_folder(tmp_path, tiny_models, judges):
+    cfg = make_config(tmp_path, tiny_models, priors=["/runs/a"], categories=["color"], decoder="my-decoder")
+    gen = StandInGenerator()
+    ib.run_benchmark(cfg, generate=gen, judges=judges, progress=False)
+    # the prior's own images as the reference: its Frechet distance is zero
+    cfg.reference_images = str(Path(cfg.out) / "images" / "a")
+    result = ib.run_benchmark(cfg, generate=gen, judges=judges, progress=False)
+    assert result.results["image_quality"]["dino"]["a"] == pytest.approx(0.0, abs=1e-6)
+    assert "preference" not in result.results
+    notes = " ".join(result.results["notes"])
+    assert "PickScore preference skipped" in notes and "no paper numbers" in notes
+    assert "DINOv2 0.0000" in result.summary
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    code = main(
+        [
+            "benchmark-images",
+            "--prior",
+            "p",
+            "--decoder",
+            "kandinsky22",
+            "--prompts",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
