@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -114,7 +115,11 @@ class StoreWriter:
             settings.get("dtype")
         )
         self.settings = settings
-        self.path.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+        else:  # rank 0 creates the store and pins its settings first; other ranks follow (no collectives needed)
+            while not ((self.path / SETTINGS).is_file() or (self.path / MANIFEST).is_file()):
+                time.sleep(0.2)
         existing = self._existing_settings()
         if existing is not None:
             diffs = [k for k in sorted(set(existing) | set(settings)) if existing.get(k) != settings.get(k)]
