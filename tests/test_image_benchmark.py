@@ -306,6 +306,14 @@ def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
     assert second.results["scoring"] == {"rescored": 0, "reused": n_images}
     assert second.results["categories"] == res["categories"]
 
+    # scoring interrupted mid-way: the records flushed so far are reused, a half-written line is rescored
+    lines = (out / "scores.jsonl").read_text().splitlines(keepends=True)
+    (out / "scores.jsonl").unlink()
+    (out / "scores.partial.jsonl").write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    resumed = ib.run_benchmark(cfg, generate=StandInGenerator(), judges=judges, progress=False)
+    assert resumed.results["scoring"] == {"rescored": 1, "reused": n_images - 1}
+    assert resumed.results["categories"] == res["categories"] and not (out / "scores.partial.jsonl").exists()
+
     # an interrupted image (sidecar missing) and one made with other settings are regenerated, nothing else
     victim = out / "images" / "eclipse" / "color" / "p0000_i00.json"
     victim.unlink()
@@ -361,3 +369,42 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_end_to_end_through_the_generation_pipeline(tmp_path, tiny_models, tiny_clip_dir, capsys):
+    """Real priors and a tiny Kandinsky v2.2 decoder through `eclipse-prior generate`'s runner; a rerun reuses all."""
+    pytest.importorskip("eclipse_prior.pipelines.generate")
+    from eclipse_prior.models import EclipsePrior
+    from eclipse_prior.pipelines.tiny import save_tiny_kandinsky_decoder
+
+    for seed, name in ((0, "prior_a"), (1, "prior_b")):
+        torch.manual_seed(seed)
+        EclipsePrior.from_preset("tiny", embedding_dim=32, num_embeddings=77).save_pretrained(tmp_path / name)
+    decoder = save_tiny_kandinsky_decoder(tmp_path / "kandinsky22-tiny")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "color_val.txt").write_text("a red cat and a blue dog\n")
+    (prompts / "spatial_val.txt").write_text("a cat on the left of a dog\n")
+    out = tmp_path / "out"
+    argv = [
+        "benchmark-images", "--prior", f"a={tmp_path / 'prior_a'}", "--prior", f"b={tmp_path / 'prior_b'}",
+        "--decoder", str(decoder), "--clip", str(tiny_clip_dir), "--prompts", str(prompts),
+        "--images-per-prompt", "1", "--seed", "3", "--steps", "2", "--height", "32", "--width", "32",
+        "--out", str(out), "--device", "cpu", "--quiet",
+        "--vqa-model", tiny_models["vqa"], "--detector-model", tiny_models["owl"],
+        "--clipscore-model", tiny_models["clip"], "--pickscore-model", tiny_models["clip"],
+        "--pickscore-processor", tiny_models["clip"], "--detection-threshold", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "4 generated, 0 reused" in printed and "ECLIPSE-Kandinsky v2.2" in printed
+    )  # folder name says kandinsky
+    png = out / "images" / "a" / "color" / "p0000_i00.png"
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    assert sidecar["seed"] == 3 and sidecar["prompt"] == "a red cat and a blue dog"
+    assert sidecar["models"]["prior"]["class"] == "EclipsePrior" and Image.open(png).size == (32, 32)
+    assert main(argv) == 0
+    assert "0 generated, 4 reused" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["generation"] == {"generated": 0, "reused": 4} and res["preference"]["n_items"] == 2

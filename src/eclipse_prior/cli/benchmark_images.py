@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--prior-guidance", type=float, default=None, help="diffusion-prior guidance")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (generation and scorers)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (generation and scorers)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="generation precision")
     s = p.add_argument_group("scorers (hub id or local folder)")
     s.add_argument("--vqa-model", default=scorers.DEFAULT_VQA_MODEL, help="BLIP VQA for colour/shape/texture")

@@ -18,6 +18,7 @@ scoring can run with any generator; :func:`pipeline_generator` is the one backed
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ class BenchmarkConfig:
     prior_guidance: float | None = None
     height: int | None = None
     width: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "fp32"
     # scorers
     vqa_model: str = scorers.DEFAULT_VQA_MODEL
@@ -197,12 +198,30 @@ def ensure_images(
 
 # ------------------------------------------------------------------------------------------------ real generation
 def pipeline_generator(cfg: BenchmarkConfig) -> Generator:
-    """A generator backed by ``eclipse_prior.pipelines.generate``; one prior's pipeline is kept loaded at a time."""
-    try:
-        from eclipse_prior.pipelines import generate as gen  # noqa: F401  (checked here for a clear error)
-    except ImportError as err:
-        raise ConfigError(f"image generation is not available: {err}") from err
-    raise ConfigError("the generation pipelines' runner API is not wired to benchmark-images yet")
+    """A generator backed by ``eclipse_prior.pipelines.generate`` (the ``eclipse-prior generate`` runner).
+
+    Images come one (prompt, seed) at a time with that runner's sidecar (models with revisions, every setting).
+    The items are planned prior by prior, so each prior's pipeline is loaded once; the previous one is dropped
+    first so two pipelines are never held together.
+    """
+    from eclipse_prior.pipelines import generate as gen
+
+    keys = ("steps", "guidance", "prior_steps", "prior_guidance", "height", "width")
+    settings = gen.GenerationSettings(**{k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None})
+    state: dict[str, Any] = {"prior": None, "loaded": None}
+
+    def generate(prior: str, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Any]]:
+        if state["prior"] != prior:
+            state["loaded"] = None
+            gc.collect()
+            state["loaded"] = gen.load_pipeline(
+                prior, cfg.decoder, cfg.clip, device=cfg.device, dtype=cfg.dtype
+            )
+            state["prior"] = prior
+        ((image, sidecar),) = gen.generate_images(state["loaded"], prompt, [seed], settings)
+        return image, sidecar
+
+    return generate
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -210,7 +229,7 @@ class ScorerSet:
     """The benchmark's judges, each loaded on first use (a run without spatial prompts never loads the detector)
     and kept by model id, so one set can serve several runs (a resumed run, a sweep over settings)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "auto") -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
@@ -328,18 +347,21 @@ def score_item(
     return {"score": float(score), "metric": metric, **detail}
 
 
-def _load_previous_scores(path: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                out[(rec["prior"], rec["category"], rec["prompt_index"], rec["image_index"])] = rec
-            except (ValueError, KeyError):
-                continue  # a damaged line is rescored, not fatal
-    return out
+def _load_previous_scores(out: Path) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    """Records of the last finished run (scores.jsonl) and of an interrupted one (scores.partial.jsonl)."""
+    found: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+    for name in ("scores.jsonl", "scores.partial.jsonl"):
+        path = out / name
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    found[(rec["prior"], rec["category"], rec["prompt_index"], rec["image_index"])] = rec
+                except (ValueError, KeyError):
+                    continue  # a damaged (half-written) line is rescored, not fatal
+    return found
 
 
 def score_images(
@@ -354,44 +376,48 @@ def score_images(
 ) -> tuple[list[dict[str, Any]], int]:
     """Score every image (reusing matching records of a previous run); returns (records, number rescored)."""
     by_cat = {ps.category: ps for ps in prompt_sets}
-    previous = _load_previous_scores(out / "scores.jsonl")
+    previous = _load_previous_scores(out)
     records, rescored = [], 0
-    for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
-        settings = _scorer_settings(cfg, item.category, parser.name)
-        digest = _sha256(item.path)
-        old = previous.get(item.key)
-        reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
-        if (
-            reusable
-            and with_pickscore
-            and old.get("pickscore_model") != [cfg.pickscore_model, cfg.pickscore_processor]
-        ):
-            reusable = False
-        if reusable:
-            records.append(old)
-            continue
-        rec: dict[str, Any] = {
-            "prior": item.prior,
-            "prior_spec": item.prior_spec,
-            "category": item.category,
-            "prompt_index": item.prompt_index,
-            "prompt": item.prompt,
-            "image_index": item.image_index,
-            "seed": item.seed,
-            "image": str(item.path.relative_to(out)),
-            "sha256": digest,
-            "settings": settings,
-            **score_item(item, cfg, judges, parser, by_cat[item.category]),
-        }
-        if with_pickscore:
-            with Image.open(item.path) as im:
-                rec["pickscore"] = judges.pickscore(cfg.pickscore_model, cfg.pickscore_processor).scores(
-                    [im.convert("RGB")], [item.prompt]
-                )[0]
-            rec["pickscore_model"] = [cfg.pickscore_model, cfg.pickscore_processor]
-        records.append(rec)
-        rescored += 1
+    with open(out / "scores.partial.jsonl", "a", encoding="utf-8") as partial:
+        for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
+            settings = _scorer_settings(cfg, item.category, parser.name)
+            digest = _sha256(item.path)
+            old = previous.get(item.key)
+            reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
+            if (
+                reusable
+                and with_pickscore
+                and old.get("pickscore_model") != [cfg.pickscore_model, cfg.pickscore_processor]
+            ):
+                reusable = False
+            if reusable:
+                records.append(old)
+                continue
+            rec: dict[str, Any] = {
+                "prior": item.prior,
+                "prior_spec": item.prior_spec,
+                "category": item.category,
+                "prompt_index": item.prompt_index,
+                "prompt": item.prompt,
+                "image_index": item.image_index,
+                "seed": item.seed,
+                "image": str(item.path.relative_to(out)),
+                "sha256": digest,
+                "settings": settings,
+                **score_item(item, cfg, judges, parser, by_cat[item.category]),
+            }
+            if with_pickscore:
+                with Image.open(item.path) as im:
+                    rec["pickscore"] = judges.pickscore(cfg.pickscore_model, cfg.pickscore_processor).scores(
+                        [im.convert("RGB")], [item.prompt]
+                    )[0]
+                rec["pickscore_model"] = [cfg.pickscore_model, cfg.pickscore_processor]
+            records.append(rec)
+            rescored += 1
+            partial.write(json.dumps(rec, sort_keys=True) + "\n")  # an interrupted scoring resumes from here
+            partial.flush()
     _atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    (out / "scores.partial.jsonl").unlink()
     return records, rescored
 
 
