@@ -4,13 +4,14 @@ Reading order: `train` builds everything, `_training_step` holds the loop body, 
 the objective picks its loss from `eclipse_prior.losses` (eclipse -> projection + lam * InfoNCE; projection and
 diffusion -> the paper's squared-L2 projection loss on the predicted embedding, x0 for the diffusion prior).
 
-Determinism: the data order is a seeded permutation per epoch, and every micro-batch re-seeds the torch RNG
-and a noise generator from (seed, micro-step, rank). A run resumed from a checkpoint therefore sees exactly the
-batches and noise it would have seen uninterrupted, and ends with the same weights.
+Determinism: the data order is a seeded permutation per epoch, and each sample's noise (timestep, condition
+dropout) is drawn from (seed, micro-step, position in the global batch). A run resumed from a checkpoint
+therefore sees exactly the batches and noise it would have seen uninterrupted, and ends with the same weights.
 
 Several processes (torchrun / accelerate launch): rank r takes rows [r*b, (r+1)*b) of each global batch of
-world_size*b rows, so ranks never overlap and N processes x batch b see the same samples per step as one
-process with batch N*b. Only the main process writes the run folder.
+world_size*b rows, so ranks never overlap; with the per-sample randomness above, DDP's gradient averaging and
+InfoNCE negatives gathered from all ranks, N processes x batch b train like one process with batch N*b.
+Only the main process writes the run folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -36,21 +37,34 @@ from tqdm.auto import tqdm
 
 from eclipse_prior.config import save_config
 from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
-from eclipse_prior.losses import eclipse_loss_terms, projection_loss
+from eclipse_prior.losses import contrastive_loss, projection_loss
 from eclipse_prior.training.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
 
 
 def objective_loss(
-    objective: str, pred: torch.Tensor, batch: dict[str, torch.Tensor], lam: float, tau: float
+    objective: str,
+    pred: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    lam: float,
+    tau: float,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one objective on `prior.training_prediction(...)`, plus its parts for logging."""
+    """The loss of one objective on `prior.training_prediction(...)`, plus its parts for logging.
+
+    eclipse: projection + lam * InfoNCE, i.e. `eclipse_loss` written out so that under several processes
+    `gather` (an all-gather that keeps gradients) gives the contrastive term the whole global batch as
+    negatives, as one process with the global batch would have; the projection term is a per-sample mean
+    that DDP's gradient averaging already makes global.
+    """
     image_embeds = batch["image_embeds"]
     if objective == "eclipse":
-        terms = eclipse_loss_terms(
-            pred, image_embeds, batch["text_embeds"], lam=lam, tau=tau, caption_ids=batch["caption_ids"]
+        projection = projection_loss(pred, image_embeds)
+        g = gather or (lambda t: t)
+        contrastive = contrastive_loss(
+            g(pred), g(batch["text_embeds"]), tau=tau, caption_ids=g(batch["caption_ids"])
         )
-        return terms["loss"], {"projection": terms["projection"], "contrastive": terms["contrastive"]}
+        return projection + lam * contrastive, {"projection": projection, "contrastive": contrastive}
     if objective in ("projection", "diffusion"):  # diffusion: the prior predicts x0, compared to the clean image
         loss = projection_loss(pred, image_embeds)
         return loss, {"projection": loss}
@@ -70,9 +84,28 @@ class _PredictionStep(nn.Module):
         text_embeds: torch.Tensor,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        **randomness: torch.Tensor,
     ) -> torch.Tensor:
-        return self.prior.training_prediction(image_embeds, text_embeds, text_states, text_mask, generator=generator)
+        return self.prior.training_prediction(image_embeds, text_embeds, text_states, text_mask, **randomness)
+
+
+def draw_randomness(
+    prior: nn.Module, objective: str, seed: int, micro_step: int, global_batch: int, rows: slice
+) -> dict[str, torch.Tensor]:
+    """This rank's rows of the micro-step's randomness, drawn for the whole global batch on the CPU.
+
+    Each sample's noise (and, for the diffusion prior, timestep and condition dropout) is then a function of
+    (seed, micro-step, global position) alone: N processes x batch b get exactly what 1 process x batch N*b
+    gets, on any device, and a resumed run gets what it would have got uninterrupted.
+    """
+    g = torch.Generator().manual_seed(mix_seed(seed, micro_step))
+    width = prior.config.embedding_dim
+    if objective == "diffusion":  # the order DiffusionPrior.training_prediction draws in
+        timesteps = torch.randint(0, prior.config.num_train_timesteps, (global_batch,), generator=g)
+        noise = torch.randn(global_batch, width, generator=g)
+        drop = torch.rand(global_batch, generator=g) < prior.config.cond_drop_prob
+        return {"noise": noise[rows], "timesteps": timesteps[rows], "drop": drop[rows]}
+    return {"noise": torch.randn(global_batch, width, generator=g)[rows]}
 
 
 def mix_seed(*parts: int) -> int:
@@ -412,7 +445,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         try:
             for step in range(start_step, cfg.steps):
                 for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                    loss, terms = _training_step(model, accelerator, optimizer, batches.get(micro), cfg, micro, rank)
+                    loss, terms = _training_step(model, prior, accelerator, optimizer, batches.get(micro), cfg, micro)
                     window.append(loss)
                     for k, v in terms.items():
                         window_terms.setdefault(k, []).append(v)
@@ -472,26 +505,27 @@ def _release(accelerator: Any) -> None:
 
 def _training_step(
     model: nn.Module,
+    prior: nn.Module,
     accelerator: Any,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     micro_step: int,
-    rank: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch: forward, loss, backward; the optimizer steps at the end of each accumulation window."""
-    seed = mix_seed(cfg.seed, micro_step, rank)
-    torch.manual_seed(seed)  # anything drawing from the global RNG (dropout) is reproducible on resume too
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    rank, world, b = accelerator.process_index, accelerator.num_processes, cfg.batch_size
+    torch.manual_seed(mix_seed(cfg.seed, micro_step, rank))  # anything left on the global RNG (dropout)
+    randomness = draw_randomness(prior, cfg.objective, cfg.seed, micro_step, b * world, slice(rank * b, (rank + 1) * b))
     with accelerator.accumulate(model):
         pred = model(
             batch["image_embeds"],
             batch["text_embeds"],
             batch.get("text_states"),
             batch.get("text_mask"),
-            generator=generator,
+            **{k: v.to(accelerator.device) for k, v in randomness.items()},
         )
-        loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau)
+        gather = _gather_with_grad if world > 1 else None
+        loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau, gather)
         if not torch.isfinite(loss):
             raise EclipsePriorError(
                 f"training diverged: loss {loss.item()} at micro-step {micro_step}; lower --lr or check the store"
@@ -502,6 +536,13 @@ def _training_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, concatenated in rank order; gradients flow back to each rank's own rows."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
