@@ -3,8 +3,8 @@
 Tolerance of the trajectory test (ECLIPSE objective, 12 steps): 2 processes x batch 4 see exactly the rows of
 1 process x batch 8, draw each sample's noise from its global position, gather InfoNCE negatives from both
 ranks and average gradients through DDP, so only float summation order differs: per-step losses must agree
-within 1e-5 relative (measured ~1e-7). Without the gathered negatives the contrastive term alone moves the loss
-by several percent; with per-rank noise the losses differed by up to 2.4%.
+within 1e-5 relative (measured ~1e-7). Before noise was drawn per global sample, per-rank noise alone made the
+losses differ by up to 2.4% (projection objective), so the bound does catch a wrong split of the randomness.
 The resume check (same world size, same seeds) must match the uninterrupted run within 1e-6.
 """
 
