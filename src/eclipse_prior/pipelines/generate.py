@@ -1,0 +1,609 @@
+"""The generation runner behind `eclipse-prior generate`: models by id or path, seeds, PNGs, grids, sidecars.
+
+Every image is made alone (batch 1) from its own `torch.Generator` seeded with its own seed, on the CPU
+generator, so an image depends only on its sidecar's settings: not on the batch it was made in, the other
+prompts, or the device's random number generator. `regenerate(sidecar)` therefore reproduces it exactly
+(pixel-equal on the same machine and software versions, which the sidecar records).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from eclipse_prior.errors import ConfigError, ModelNotFoundError
+from eclipse_prior.pipelines.common import check_offload
+
+SIDECAR_FORMAT = "eclipse-prior-sidecar/1"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DecoderPreset:
+    """Hub ids and paper settings of a real decoder."""
+
+    kind: str
+    repo: str
+    clip: str | None  # None: the text encoder ships inside the decoder repo
+    prior: str
+    steps: int
+    guidance: float
+
+
+DECODERS: dict[str, DecoderPreset] = {
+    "kandinsky22": DecoderPreset(
+        "kandinsky22",
+        "kandinsky-community/kandinsky-2-2-decoder",
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+        "ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior",
+        50,
+        7.5,
+    ),
+    "karlo": DecoderPreset(
+        "karlo", "kakaobrain/karlo-v1-alpha", None, "ECLIPSE-Community/ECLIPSE_Karlo_Prior", 25, 8.0
+    ),
+}
+KANDINSKY_SIZE = 512
+
+# What to fetch from the hub per role: configs, tokenizer files and safetensors weights, never pickles.
+_IGNORE = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx*", "*fp16*", "open_clip*"]
+_PATTERNS = {
+    "prior": [
+        "model_index.json",
+        "config.json",
+        "*.safetensors",
+        "prior/*",
+        "scheduler/*",
+        "prior_scheduler/*",
+    ],
+    "decoder": [
+        "model_index.json",
+        *(
+            f"{d}/*"
+            for d in (
+                "unet",
+                "movq",
+                "scheduler",
+                "text_encoder",
+                "tokenizer",
+                "text_proj",
+                "decoder",
+                "super_res_first",
+                "super_res_last",
+                "decoder_scheduler",
+                "super_res_scheduler",
+            )
+        ),
+    ],
+    "clip": [
+        "*.json",
+        "*.txt",
+        "model.safetensors",
+        "text_encoder/*",
+        "tokenizer/*",
+        "image_encoder/*",
+        "image_processor/*",
+    ],
+}
+_FLAGS = {"prior": "--prior", "decoder": "--decoder", "clip": "--clip"}
+
+
+@dataclass
+class ResolvedModel:
+    """A model as the user named it, the local folder it was loaded from, and its hub revision if any."""
+
+    id: str
+    path: str
+    revision: str | None = None
+
+
+def resolve_model(
+    spec: str, role: str, revision: str | None = None, local_files_only: bool | None = None
+) -> ResolvedModel:
+    """A local folder as is, or a hub id fetched (or found in the cache) as a pinned snapshot folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ResolvedModel(spec, str(path.resolve()))
+    flag = _FLAGS[role]
+    if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") != 1:
+        raise ModelNotFoundError(
+            f"{role} {spec!r} is not a folder (nor a hub id); pass a local folder with {flag}"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            spec,
+            revision=revision,
+            allow_patterns=_PATTERNS[role],
+            ignore_patterns=_IGNORE,
+            local_files_only=bool(local_files_only),
+        )
+    except Exception as err:  # huggingface_hub raises many types (offline, not found, gated, HTTP)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelNotFoundError(
+            f"{role} {spec!r} is not a local folder and could not be loaded from the Hugging Face hub "
+            f"(offline, or not in the cache: {reason}); download it or pass a local folder with {flag} PATH"
+        ) from err
+    return ResolvedModel(spec, folder, Path(folder).name)
+
+
+def _index(folder: Path) -> dict[str, Any]:
+    file = folder / "model_index.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def decoder_kind(folder: Path) -> str:
+    """`kandinsky22` (unet/ movq/ scheduler/) or `karlo` (text_proj/ decoder/ super_res_*), from the layout."""
+    if all((folder / d).is_dir() for d in ("unet", "movq", "scheduler")):
+        return "kandinsky22"
+    if all((folder / d).is_dir() for d in ("text_proj", "decoder", "super_res_first", "super_res_last")):
+        return "karlo"
+    raise ConfigError(
+        f"{folder} is neither a Kandinsky v2.2 decoder folder (unet/ movq/ scheduler/) nor a Karlo folder "
+        f"(text_proj/ decoder/ super_res_first/ super_res_last/ ...)"
+    )
+
+
+def _load_scheduler(folder: Path) -> Any:
+    """A scheduler by the diffusers class its config names (diffusers classes only)."""
+    import diffusers
+
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ConfigError(f"{folder}: unknown scheduler class {config.get('_class_name')!r}")
+    return cls.from_pretrained(folder)
+
+
+def load_any_prior(folder: Path, dtype: torch.dtype, local_files_only: bool | None) -> tuple[Any, Any]:
+    """(prior, prior_scheduler): our EclipsePrior/DiffusionPrior, or an original diffusers PriorTransformer.
+
+    A folder whose model_index.json names a PriorTransformer `prior` (kandinsky-community/kandinsky-2-2-prior,
+    kakaobrain/karlo-v1-alpha) is the original diffusion prior; it comes with its UnCLIPScheduler.
+    """
+    entry = _index(folder).get("prior") or [None, None]
+    if entry[1] == "PriorTransformer":
+        from diffusers import PriorTransformer
+
+        prior = PriorTransformer.from_pretrained(
+            folder, subfolder="prior", torch_dtype=dtype, use_safetensors=True
+        )
+        for name in ("prior_scheduler", "scheduler"):
+            if (folder / name / "scheduler_config.json").is_file():
+                return prior.eval(), _load_scheduler(folder / name)
+        raise ConfigError(f"{folder} has a PriorTransformer but no scheduler/ or prior_scheduler/ folder")
+    from eclipse_prior.models.loading import load_prior
+
+    return load_prior(folder, local_files_only=local_files_only, torch_dtype=dtype), None
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready pipeline plus what the sidecars must record about how it was built."""
+
+    pipe: Any
+    kind: str
+    models: dict[str, ResolvedModel | None]
+    prior_class: str
+    device: str
+    dtype: str
+    free_text_models: bool = False
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available else cpu; an unavailable cuda is a one-line error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def load_pipeline(
+    prior: str | None,
+    decoder: str,
+    clip: str | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    offload: str = "none",
+    free_text_models: bool = False,
+    local_files_only: bool | None = None,
+    revisions: dict[str, str | None] | None = None,
+) -> LoadedPipeline:
+    """Build an Eclipse Kandinsky/Karlo pipeline from a prior, a decoder and (if needed) a CLIP, by id or path.
+
+    `decoder` is `kandinsky22`, `karlo`, a hub id or a folder (Kandinsky 2.2 or Karlo layout); `prior` and
+    `clip` default to the preset's hub ids. `revisions` pins hub revisions (regeneration from a sidecar).
+    """
+    from eclipse_prior.pipelines.kandinsky import EclipseKandinskyV22Pipeline
+    from eclipse_prior.pipelines.karlo import EclipseKarloPipeline
+
+    device = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "fp16" and device == "cpu":
+        raise ConfigError(
+            "--dtype fp16 needs a CUDA GPU (half precision is not supported well on CPU); use fp32 or bf16"
+        )
+    check_offload(offload)
+    torch_dtype = DTYPES[dtype]
+    revisions = revisions or {}
+    preset = DECODERS.get(decoder)
+    dec = resolve_model(
+        preset.repo if preset else decoder, "decoder", revisions.get("decoder"), local_files_only
+    )
+    dec.id = decoder
+    dec_folder = Path(dec.path)
+    kind = decoder_kind(dec_folder)
+    prior_spec = prior or (preset.prior if preset else None)
+    if prior_spec is None:
+        raise ConfigError(
+            "--prior is required with a decoder folder (a run dir, an export folder or a hub id)"
+        )
+    clip_spec = clip or (preset.clip if preset else None)
+    if kind == "kandinsky22" and clip_spec is None and not (dec_folder / "text_encoder").is_dir():
+        raise ConfigError(
+            f"the decoder folder {dec_folder} has no text encoder: pass the CLIP with --clip ID_OR_PATH"
+        )
+    clip_model = (
+        resolve_model(clip_spec, "clip", revisions.get("clip"), local_files_only) if clip_spec else None
+    )
+    pri = resolve_model(prior_spec, "prior", revisions.get("prior"), local_files_only)
+    prior_model, prior_scheduler = load_any_prior(Path(pri.path), torch_dtype, local_files_only)
+
+    text: dict[str, Any] = {}
+    if clip_model is not None:
+        from eclipse_prior.encoders.clip import load_clip
+
+        bundle = load_clip(
+            clip_model.path, dtype=torch_dtype, vision=kind == "kandinsky22", local_files_only=True
+        )
+        text = {"text_encoder": bundle.text_model, "tokenizer": bundle.tokenizer}
+        if kind == "kandinsky22":
+            text.update(image_encoder=bundle.vision_model, image_processor=bundle.image_processor)
+    else:  # the text encoder ships in the decoder folder (Karlo, or a saved Eclipse pipeline)
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+        text = {
+            "text_encoder": CLIPTextModelWithProjection.from_pretrained(
+                dec_folder / "text_encoder", torch_dtype=torch_dtype
+            ).eval(),
+            "tokenizer": AutoTokenizer.from_pretrained(dec_folder / "tokenizer"),
+        }
+        if kind == "kandinsky22" and (dec_folder / "image_encoder").is_dir():
+            text["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+                dec_folder / "image_encoder", torch_dtype=torch_dtype
+            ).eval()
+    if kind == "kandinsky22":
+        from diffusers import UNet2DConditionModel, VQModel
+
+        pipe = EclipseKandinskyV22Pipeline(
+            prior=prior_model,
+            unet=UNet2DConditionModel.from_pretrained(dec_folder / "unet", torch_dtype=torch_dtype),
+            movq=VQModel.from_pretrained(dec_folder / "movq", torch_dtype=torch_dtype),
+            scheduler=_load_scheduler(dec_folder / "scheduler"),
+            prior_scheduler=prior_scheduler,
+            **text,
+        )
+    else:
+        from diffusers import UNet2DConditionModel, UNet2DModel
+        from diffusers.pipelines.deprecated.unclip import UnCLIPTextProjModel
+
+        # Components loaded one by one: UnCLIPPipeline.from_pretrained fails in diffusers 0.42 (see karlo.py).
+        pipe = EclipseKarloPipeline(
+            prior=prior_model,
+            text_proj=UnCLIPTextProjModel.from_pretrained(dec_folder / "text_proj", torch_dtype=torch_dtype),
+            decoder=UNet2DConditionModel.from_pretrained(dec_folder / "decoder", torch_dtype=torch_dtype),
+            super_res_first=UNet2DModel.from_pretrained(
+                dec_folder / "super_res_first", torch_dtype=torch_dtype
+            ),
+            super_res_last=UNet2DModel.from_pretrained(
+                dec_folder / "super_res_last", torch_dtype=torch_dtype
+            ),
+            decoder_scheduler=_load_scheduler(dec_folder / "decoder_scheduler"),
+            super_res_scheduler=_load_scheduler(dec_folder / "super_res_scheduler"),
+            prior_scheduler=prior_scheduler,
+            **text,
+        )
+    if offload in (None, "none"):
+        pipe.to(device)
+    else:
+        pipe.enable_offload(offload)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(
+        pipe,
+        kind,
+        {"prior": pri, "decoder": dec, "clip": clip_model},
+        type(prior_model).__name__,
+        device,
+        dtype,
+        free_text_models,
+    )
+
+
+@dataclass
+class GenerationSettings:
+    """Decoder and prior settings shared by the images of one run (None: the decoder's paper default)."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    prior_steps: int = 25
+    prior_guidance: float = 4.0
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    super_res_steps: int = 7  # Karlo only
+
+    def resolved(self, loaded: LoadedPipeline) -> GenerationSettings:
+        """Fill the decoder defaults (Kandinsky: 50 steps, 7.5, 512 px; Karlo: 25 steps, 8.0, fixed size)."""
+        preset = DECODERS[loaded.kind]
+        out = GenerationSettings(**asdict(self))
+        out.steps = preset.steps if self.steps is None else self.steps
+        out.guidance = preset.guidance if self.guidance is None else self.guidance
+        if loaded.kind == "karlo":
+            size = loaded.pipe.image_size
+            for name in ("height", "width"):
+                if getattr(self, name) not in (None, size):
+                    raise ConfigError(f"Karlo decodes at a fixed {size}x{size}; --{name} cannot change it")
+            out.height = out.width = size
+        else:
+            out.height = self.height or KANDINSKY_SIZE
+            out.width = self.width or KANDINSKY_SIZE
+        if out.steps < 1 or out.prior_steps < 1:
+            raise ConfigError("--steps and --prior-steps must be at least 1")
+        return out
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    import eclipse_prior
+
+    return {
+        "eclipse_prior": eclipse_prior.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _sidecar(loaded: LoadedPipeline, settings: GenerationSettings, prompt: str, seed: int) -> dict[str, Any]:
+    models = {
+        role: None if m is None else {"id": m.id, "path": m.path, "revision": m.revision}
+        for role, m in loaded.models.items()
+    }
+    models["prior"]["class"] = loaded.prior_class
+    return {
+        "format": SIDECAR_FORMAT,
+        "prompt": prompt,
+        "seed": seed,
+        "decoder_kind": loaded.kind,
+        "models": models,
+        **asdict(settings),
+        "dtype": loaded.dtype,
+        "device": loaded.device,
+        "versions": _versions(),
+    }
+
+
+def generate_batch(
+    loaded: LoadedPipeline,
+    requests: Sequence[tuple[str, int]],
+    settings: GenerationSettings | None = None,
+    progress: bool = False,
+) -> list[tuple[Image.Image, dict[str, Any]]]:
+    """One image per (prompt, seed), each with its sidecar dict (not written anywhere).
+
+    With `free_text_models` all prior embeddings are made first, then the prior and text encoder are freed and
+    the images decoded; each image keeps its own generator, so the pixels are the same either way. The
+    progress bar counts prompts.
+    """
+    from tqdm.auto import tqdm
+
+    settings = (settings or GenerationSettings()).resolved(loaded)
+    pipe = loaded.pipe
+    prompts = list(dict.fromkeys(p for p, _ in requests))
+    bar = tqdm(total=len(prompts), unit="prompt", disable=not progress)
+    remaining = {p: sum(q == p for q, _ in requests) for p in prompts}
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in requests]
+
+    def embed(i: int) -> Any:
+        return pipe.prepare_embeds(
+            requests[i][0],
+            settings.negative_prompt,
+            generators[i],
+            settings.prior_steps,
+            settings.prior_guidance,
+        )
+
+    def decode(i: int, embeds: Any) -> Image.Image:
+        image = _decode(loaded, embeds, generators[i], settings)
+        remaining[requests[i][0]] -= 1
+        if remaining[requests[i][0]] == 0:
+            bar.update(1)
+        return image
+
+    if loaded.free_text_models:
+        all_embeds = [embed(i) for i in range(len(requests))]
+        pipe.free_text_models()
+        images = [decode(i, e) for i, e in enumerate(all_embeds)]
+    else:  # decode right away: one embedding in memory at a time
+        images = [decode(i, embed(i)) for i in range(len(requests))]
+    bar.close()
+    return [
+        (image, _sidecar(loaded, settings, prompt, int(seed)))
+        for image, (prompt, seed) in zip(images, requests, strict=True)
+    ]
+
+
+def _decode(loaded: LoadedPipeline, embeds: Any, gen: torch.Generator, s: GenerationSettings) -> Image.Image:
+    if loaded.kind == "karlo":
+        return loaded.pipe.decode(embeds, gen, s.steps, s.guidance, s.super_res_steps)[0]
+    return loaded.pipe.decode(embeds, gen, s.steps, s.guidance, s.height, s.width)[0]
+
+
+def generate_images(
+    loaded: LoadedPipeline, prompt: str, seeds: Sequence[int], settings: GenerationSettings | None = None
+) -> list[tuple[Image.Image, dict[str, Any]]]:
+    """Images of one prompt, one per seed, each with its sidecar dict (nothing written)."""
+    return generate_batch(loaded, [(prompt, int(s)) for s in seeds], settings)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_image(image: Image.Image, sidecar: dict[str, Any], png: Path) -> Path:
+    """Write the PNG and its JSON sidecar (same stem) and return the PNG path."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {**sidecar, "image": png.name}
+    _atomic_write(png, lambda tmp: image.save(tmp, format="PNG"))
+    _atomic_write(
+        png.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n")
+    )
+    return png
+
+
+def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Images in rows of `columns` (one row per prompt), on a black canvas."""
+    columns = max(1, min(columns, len(images)))
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line; blank lines and lines starting with '#' are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"prompts file not found: {file}")
+    prompts = [line.strip() for line in file.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts file {file} holds no prompts")
+    return prompts
+
+
+@dataclass
+class RunResult:
+    """Paths written by `run_generation`."""
+
+    images: list[Path] = field(default_factory=list)
+    grid: Path | None = None
+
+
+def run_generation(
+    loaded: LoadedPipeline,
+    prompts: Sequence[str],
+    out: str | Path,
+    num_images: int = 1,
+    seed: int = 0,
+    settings: GenerationSettings | None = None,
+    grid_name: str = "grid",
+    progress: bool = True,
+) -> RunResult:
+    """Generate `num_images` per prompt; image k (over the whole run) gets seed `seed + k`.
+
+    Writes `NNNNN-<prompt>-s<seed>.png` + `.json` sidecars and `<grid_name>.png` (one row per prompt).
+    """
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    out = Path(out)
+    requests = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
+    results = generate_batch(loaded, requests, settings, progress=progress)
+    written = RunResult()
+    for k, ((image, sidecar), (prompt, s)) in enumerate(zip(results, requests, strict=True)):
+        written.images.append(save_image(image, sidecar, out / f"{k:05d}-{_slug(prompt)}-s{s}.png"))
+    grid_path = out / f"{grid_name}.png"
+    grid = make_grid([image for image, _ in results], num_images)
+    _atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
+    written.grid = grid_path
+    return written
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """A sidecar written by `save_image`; anything else is a one-line error."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sidecar not found: {file}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not JSON ({err.msg})") from err
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise ConfigError(f"{file} is not an eclipse-prior image sidecar (format {SIDECAR_FORMAT})")
+    return data
+
+
+def _model_spec(entry: dict[str, Any] | None) -> str | None:
+    """Hub models by id (their revision is pinned separately); local ones by the folder recorded."""
+    if entry is None:
+        return None
+    if entry.get("revision") is None and entry.get("path") and Path(entry["path"]).is_dir():
+        return entry["path"]
+    return entry["id"]
+
+
+def regenerate(
+    sidecar_path: str | Path,
+    out: str | Path | None = None,
+    device: str | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
+    """Re-make the image a sidecar describes (same models and revisions, settings, seed) and write it.
+
+    The result goes to `out` (default: beside the sidecar, stem + `-regen`); pixel-equal to the original when
+    run on the same kind of machine with the versions the sidecar records.
+    """
+    data = read_sidecar(sidecar_path)
+    models = data["models"]
+    loaded = load_pipeline(
+        _model_spec(models["prior"]),
+        _model_spec(models["decoder"]),
+        _model_spec(models.get("clip")),
+        device=device or data["device"],
+        dtype=data["dtype"],
+        local_files_only=local_files_only,
+        revisions={role: (m or {}).get("revision") for role, m in models.items()},
+    )
+    # Record the original ids, not the folders they were found in.
+    for role, entry in models.items():
+        if entry is not None and loaded.models.get(role) is not None:
+            loaded.models[role].id = entry["id"]
+    names = {f.name for f in GenerationSettings.__dataclass_fields__.values()}
+    settings = GenerationSettings(**{k: data[k] for k in names if k in data})
+    ((image, sidecar),) = generate_batch(loaded, [(data["prompt"], int(data["seed"]))], settings)
+    src = Path(sidecar_path)
+    target = Path(out) / src.with_suffix(".png").name if out else src.with_name(f"{src.stem}-regen.png")
+    return save_image(image, sidecar, target)

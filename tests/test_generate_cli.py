@@ -1,0 +1,119 @@
+"""`eclipse-prior generate` end to end on tiny random models: files written, sidecars, exact regeneration,
+one-line errors (offline missing model, wrong width, bad options)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eclipse_prior.cli import main
+from eclipse_prior.models import EclipsePrior
+from eclipse_prior.pipelines.tiny import save_tiny_kandinsky_decoder, save_tiny_karlo_decoder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_clip_dir) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("gen_models")
+    torch.manual_seed(0)
+    EclipsePrior.from_preset("tiny", embedding_dim=32, num_embeddings=77).save_pretrained(root / "prior")
+    EclipsePrior.from_preset("tiny", embedding_dim=16, num_embeddings=77).save_pretrained(root / "narrow")
+    return {
+        "prior": str(root / "prior"),
+        "narrow": str(root / "narrow"),
+        "clip": str(tiny_clip_dir),
+        "kandinsky": str(save_tiny_kandinsky_decoder(root / "kandinsky")),
+        "karlo": str(save_tiny_karlo_decoder(root / "karlo", tiny_clip_dir)),
+    }
+
+
+def _kandinsky_args(models: dict[str, str], out: Path) -> list[str]:
+    return [
+        "generate", "--prior", models["prior"], "--decoder", models["kandinsky"], "--clip", models["clip"],
+        "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_prompts_file_writes_images_sidecars_grid_and_regenerates_exactly(models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\n# a comment\na blue circle\n")
+    out = tmp_path / "out"
+    assert main([*_kandinsky_args(models, out), "--prompts-file", str(prompts), "--num-images", "1", "--seed", "7"]) == 0
+    pngs = sorted(p for p in out.glob("0*.png"))
+    assert [p.name for p in pngs] == ["00000-a-red-square-s7.png", "00001-a-blue-circle-s8.png"]
+    assert Image.open(out / "prompts-grid.png").size == (32, 64)  # one row per prompt, one image each
+    assert np.abs(_pixels(pngs[0]) - _pixels(pngs[1])).max() > 0  # different seeds (and prompts), different images
+
+    side = json.loads(pngs[1].with_suffix(".json").read_text())
+    assert side["prompt"] == "a blue circle" and side["seed"] == 8 and side["image"] == pngs[1].name
+    assert (side["steps"], side["guidance"], side["height"], side["width"]) == (2, 7.5, 32, 32)
+    assert side["models"]["prior"]["class"] == "EclipsePrior"
+    assert side["models"]["decoder"]["id"] == models["kandinsky"]
+    assert side["negative_prompt"] is None and side["dtype"] == "fp32"
+    assert set(side["versions"]) >= {"torch", "diffusers", "transformers", "eclipse_prior"}
+
+    regen = tmp_path / "regen"
+    assert main(["generate", "--from-sidecar", str(pngs[1].with_suffix(".json")), "--out", str(regen)]) == 0
+    assert np.array_equal(_pixels(regen / pngs[1].name), _pixels(pngs[1]))
+    assert "regenerated" in capsys.readouterr().out
+
+
+def test_freeing_the_text_models_gives_the_same_pixels(models, tmp_path):
+    common = [*_kandinsky_args(models, tmp_path / "a"), "--prompt", "a red square", "--seed", "3"]
+    assert main(common) == 0
+    freed = [*_kandinsky_args(models, tmp_path / "b"), "--prompt", "a red square", "--seed", "3"]
+    assert main([*freed, "--free-text-models"]) == 0
+    name = "00000-a-red-square-s3.png"
+    assert np.array_equal(_pixels(tmp_path / "a" / name), _pixels(tmp_path / "b" / name))
+
+
+def test_karlo_folder_brings_its_own_text_encoder(models, tmp_path):
+    out = tmp_path / "karlo"
+    args = ["generate", "--prior", models["prior"], "--decoder", models["karlo"], "--prompt", "a red square",
+            "--steps", "2", "--super-res-steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    png = out / "00000-a-red-square-s0.png"
+    assert Image.open(png).size == (32, 32)
+    side = json.loads(png.with_suffix(".json").read_text())
+    assert side["decoder_kind"] == "karlo" and side["models"]["clip"] is None and side["super_res_steps"] == 2
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_offline_missing_model_is_one_line_naming_id_and_flag(models, tmp_path, capsys):
+    args = ["generate", "--prompt", "x", "--offline", "--out", str(tmp_path)]
+    assert main([*args, "--decoder", "eclipse-prior-tests/no-such-decoder", "--prior", models["prior"]]) == 2
+    err = _one_line_error(capsys)
+    assert "eclipse-prior-tests/no-such-decoder" in err and "--decoder PATH" in err
+    assert main([*args, "--decoder", models["kandinsky"], "--clip", models["clip"],
+                 "--prior", "eclipse-prior-tests/no-such-prior"]) == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "eclipse-prior-tests/no-such-prior" in err and "--prior PATH" in err
+
+
+def test_bad_inputs_are_one_line_errors(models, tmp_path, capsys):
+    base = _kandinsky_args(models, tmp_path)
+    assert main([*base[:2], models["narrow"], *base[3:], "--prompt", "x"]) == 2
+    err = _one_line_error(capsys)
+    assert "width 16" in err and "width 32" in err
+    assert main(base) == 2  # no prompts
+    assert "no prompts" in _one_line_error(capsys)
+    assert main([*base, "--prompt", "x", "--dtype", "fp16"]) == 2
+    assert "fp16 needs a CUDA GPU" in _one_line_error(capsys)
+    assert main(["generate", "--from-sidecar", str(tmp_path / "missing.json")]) == 2
+    assert "sidecar not found" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert main([*base, "--prompt", "x", "--offload", "model"]) == 2
+        assert "needs a CUDA GPU" in _one_line_error(capsys)
