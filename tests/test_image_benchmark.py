@@ -25,7 +25,7 @@ def build_tiny_bert_tokenizer():
     """WordPiece tokenizer with BERT's special tokens plus BLIP's [DEC] start token (transformers 5: vocab dict)."""
     from transformers import BertTokenizer
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "?", *BERT_WORDS]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "?", ".", *BERT_WORDS]
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=64)
 
 
@@ -89,6 +89,46 @@ def save_tiny_owlv2(path: Path) -> Path:
         Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
     ).save_pretrained(path)
     Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_grounding_dino(path: Path) -> Path:
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    tok = build_tiny_bert_tokenizer()
+    backbone = SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[1, 1],
+        window_size=4,
+        out_features=["stage1", "stage2"],
+    )
+    text = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=8,
+        num_feature_levels=2, encoder_n_points=1, decoder_n_points=1, max_text_len=32, use_timm_backbone=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32})
+    GroundingDinoProcessor(processor, tok).save_pretrained(path)
     return path
 
 
@@ -181,6 +221,32 @@ def test_owlv2_best_box_per_query_in_image_pixels(tiny_models):
         None,
         None,
     ]
+
+
+def test_grounding_dino_best_box_per_phrase(tmp_path):
+    det = scorers.load_detector(str(save_tiny_grounding_dino(tmp_path / "gdino")), threshold=0.0)
+    assert isinstance(det, scorers.GroundingDinoDetector)
+    image = picture(6, size=(64, 40))
+    cat, dog = det.best_boxes(image, ["cat", "Dog"])
+    inputs = det.processor(images=image, text="cat. dog.", return_tensors="pt")
+    assert inputs["input_ids"][0, 1:5].tolist() == det.processor.tokenizer.convert_tokens_to_ids(
+        ["cat", ".", "dog", "."]
+    )
+    with torch.no_grad():
+        outputs = det.model(**inputs)
+    (ref,) = det.processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=[(40, 64)]
+    )
+    probs = torch.sigmoid(outputs.logits[0])
+    for box, token in (
+        (cat, 1),
+        (dog, 3),
+    ):  # each phrase is one token here: its best box is that token's argmax
+        best = int(torch.argmax(probs[:, token]))
+        assert box.score == pytest.approx(float(probs[best, token]), abs=1e-6)
+        assert [box.x_min, box.y_min, box.x_max, box.y_max] == pytest.approx(
+            ref["boxes"][best].tolist(), abs=1e-3
+        )
 
 
 def test_clipscore_is_plain_cosine_and_pickscore_is_scaled(tiny_models):

@@ -58,7 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="generation precision")
     s = p.add_argument_group("scorers (hub id or local folder)")
     s.add_argument("--vqa-model", default=scorers.DEFAULT_VQA_MODEL, help="BLIP VQA for colour/shape/texture")
-    s.add_argument("--detector-model", default=scorers.DEFAULT_DETECTOR_MODEL, help="OWLv2 for spatial")
+    s.add_argument(
+        "--detector-model",
+        default=scorers.DEFAULT_DETECTOR_MODEL,
+        help="OWLv2 (default) or Grounding DINO for spatial",
+    )
     s.add_argument("--clipscore-model", default=scorers.DEFAULT_CLIPSCORE_MODEL, help="CLIP for non-spatial")
     s.add_argument("--pickscore-model", default=scorers.DEFAULT_PICKSCORE_MODEL, help="PickScore CLIP")
     s.add_argument(

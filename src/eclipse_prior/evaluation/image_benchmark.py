@@ -243,7 +243,7 @@ class ScorerSet:
     def vqa(self, model: str) -> scorers.BlipVqaScorer:
         return self._get(("vqa", model), lambda: scorers.load_blip_vqa(model, self.device))
 
-    def detector(self, model: str, threshold: float) -> scorers.OwlDetector:
+    def detector(self, model: str, threshold: float) -> scorers.OwlDetector | scorers.GroundingDinoDetector:
         return self._get(
             ("detector", model, threshold),
             lambda: scorers.load_detector(model, self.device, threshold=threshold),

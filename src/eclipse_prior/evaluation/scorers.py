@@ -1,7 +1,8 @@
 """The neural judges of the image benchmark, each a transformers model loaded by hub id or local folder.
 
 - BLIP-VQA (``Salesforce/blip-vqa-base``): P("yes") to "<noun phrase>?" for attribute binding.
-- An open-vocabulary detector (OWLv2, ``google/owlv2-base-patch16-ensemble``) for spatial relations.
+- An open-vocabulary detector for spatial relations: OWLv2 (``google/owlv2-base-patch16-ensemble``, default) or
+  Grounding DINO (e.g. ``IDEA-Research/grounding-dino-base``).
 - CLIPScore (``openai/clip-vit-base-patch32``): plain cosine of image and text features, for non-spatial prompts.
 - PickScore (``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
 - DINOv2 (``facebook/dinov2-base``) CLS features for the Frechet distance.
@@ -218,21 +219,88 @@ class OwlDetector:
         return found
 
 
+def _find_span(ids: list[int], part: list[int], start: int) -> int | None:
+    for i in range(start, len(ids) - len(part) + 1):
+        if ids[i : i + len(part)] == part:
+            return i
+    return None
+
+
+@dataclass
+class GroundingDinoDetector:
+    """Grounding DINO: the queries are joined as its caption "obj1. obj2."; a box's score for a query is the highest
+    token probability over that query's own tokens, and each query keeps its best box above ``threshold``.
+
+    Boxes are relative to the (unpadded, single) image, so they scale by width and height.
+    """
+
+    model: Any
+    processor: Any
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    threshold: float = 0.1
+
+    @torch.inference_mode()
+    def best_boxes(self, image: Image.Image, queries: Sequence[str]) -> list[Box | None]:
+        image = image.convert("RGB")
+        phrases = [q.lower().strip().rstrip(".") for q in queries]
+        inputs = self.processor(images=image, text=" ".join(f"{p}." for p in phrases), return_tensors="pt")
+        feed = {k: v.to(self.device) for k, v in inputs.items()}
+        feed["pixel_values"] = feed["pixel_values"].to(self.dtype)
+        outputs = self.model(**feed)
+        probs = torch.sigmoid(outputs.logits[0].float())  # (boxes, text tokens)
+        boxes = outputs.pred_boxes[0].float()  # (boxes, 4) centre x, centre y, w, h relative to the image
+        ids = inputs["input_ids"][0].tolist()
+        width, height = image.size
+        found: list[Box | None] = []
+        cursor = 0
+        for phrase in phrases:
+            part = self.processor.tokenizer(phrase, add_special_tokens=False)["input_ids"]
+            at = _find_span(ids, part, cursor) if part else None
+            if at is None:  # the phrase did not survive tokenisation (e.g. truncated caption)
+                found.append(None)
+                continue
+            cursor = at + len(part)
+            per_box = probs[:, at:cursor].max(dim=1).values
+            best = int(torch.argmax(per_box))
+            conf = float(per_box[best])
+            if conf <= self.threshold:
+                found.append(None)
+                continue
+            cx, cy, w, h = (float(v) for v in boxes[best])
+            found.append(
+                Box(
+                    (cx - w / 2) * width,
+                    (cy - h / 2) * height,
+                    (cx + w / 2) * width,
+                    (cy + h / 2) * height,
+                    conf,
+                )
+            )
+        return found
+
+
 def load_detector(
     id_or_path: str = DEFAULT_DETECTOR_MODEL,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     threshold: float = 0.1,
-) -> OwlDetector:
-    """Owlv2ForObjectDetection + Owlv2Processor (an OWLv2 folder or hub id)."""
-    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+) -> OwlDetector | GroundingDinoDetector:
+    """An OWLv2 or Grounding DINO folder or hub id (the kind is read from its config)."""
+    from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
     def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
-        model = Owlv2ForObjectDetection.from_pretrained(name, use_safetensors=True, **kw)
-        return model, Owlv2Processor.from_pretrained(name, **kw)
+        kind = AutoConfig.from_pretrained(name, **kw).model_type
+        if kind not in ("owlv2", "grounding-dino"):
+            raise ValueError(f"a {kind!r} model is not a supported detector (OWLv2 or Grounding DINO)")
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(name, use_safetensors=True, **kw)
+        return model, AutoProcessor.from_pretrained(name, **kw)
 
-    (model, processor), name = _load("OWLv2 detector", "--detector-model", id_or_path, loader)
-    return OwlDetector(
+    (model, processor), name = _load("detector", "--detector-model", id_or_path, loader)
+    cls = OwlDetector if model.config.model_type == "owlv2" else GroundingDinoDetector
+    return cls(
         _prepare(model, device, dtype),
         processor,
         name,
