@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,9 @@ def test_parser_choice():
     assert compbench.get_parser("auto").name in ("rules", "spacy:en_core_web_sm")
     with pytest.raises(ConfigError):
         compbench.get_parser("nltk")
+    if importlib.util.find_spec("spacy") is None:
+        with pytest.raises(ConfigError, match="en_core_web_sm"):
+            compbench.get_parser("spacy")
 
 
 # -------------------------------------------------------------------------------------------------- spatial rule

@@ -3,6 +3,7 @@ back through our loaders, the image cache and resume, and whole runs with a stan
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -416,6 +417,9 @@ def test_one_prior_with_reference_folder(tmp_path, tiny_models, judges):
     assert "preference" not in result.results
     notes = " ".join(result.results["notes"])
     assert "PickScore preference skipped" in notes and "no paper numbers" in notes
+    if importlib.util.find_spec("torchmetrics") is None:  # the optional Inception FID is skipped and counted
+        assert result.results["image_quality"]["inception"] is None
+        assert "Inception FID skipped" in notes and "1 of 1 priors without Inception FID" in notes
     assert "DINOv2 0.0000" in result.summary
 
 

@@ -507,7 +507,7 @@ def image_quality(
         for prior, paths in by_prior.items():
             value, note = frechet.inception_frechet(_load_images(paths), ref_images)
             if value is None:
-                notes.append(f"{note} ({len(by_prior)} priors without Inception FID)")
+                notes.append(f"{note}: {len(by_prior)} of {len(by_prior)} priors without Inception FID")
                 result["inception"] = None
                 break
             result["inception"][prior] = value
