@@ -122,7 +122,9 @@ def load_prompt_sets(
             raise ConfigError(f"no prompt file for categories {missing}; found {sorted(sets)}")
     if not sets:
         raise ConfigError("no prompts to benchmark")
-    return list(sets.values())
+    # T2I-CompBench's order first (colour, shape, texture, spatial, non-spatial, complex), other files after
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    return sorted(sets.values(), key=lambda ps: (order.get(ps.category, len(order)), ps.category))
 
 
 # -------------------------------------------------------------------------------------------------- noun phrases

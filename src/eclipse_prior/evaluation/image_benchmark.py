@@ -595,6 +595,7 @@ def run_benchmark(
     records, rescored = score_images(items, cfg, judges, parser, prompt_sets, out, with_pick, progress)
 
     results: dict[str, Any] = {
+        "config": asdict(cfg),
         "priors": list(priors),
         "prior_specs": priors,
         "decoder": cfg.decoder,
