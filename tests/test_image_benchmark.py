@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eclipse_prior.cli import main
-from eclipse_prior.errors import ModelNotFoundError
+from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.evaluation import frechet, scorers
 from eclipse_prior.evaluation import image_benchmark as ib
 
@@ -422,6 +422,14 @@ def test_one_prior_with_reference_folder(tmp_path, tiny_models, judges):
         assert result.results["image_quality"]["inception"] is None
         assert "Inception FID skipped" in notes and "1 of 1 priors without Inception FID" in notes
     assert "DINOv2 0.0000" in result.summary
+
+
+def test_bad_reference_folder_fails_before_generating(tmp_path, tiny_models):
+    cfg = make_config(tmp_path, tiny_models, reference_images=str(tmp_path / "no_such_folder"))
+    gen = StandInGenerator()
+    with pytest.raises(ConfigError, match="reference image folder"):
+        ib.run_benchmark(cfg, generate=gen, progress=False)
+    assert gen.calls == []
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

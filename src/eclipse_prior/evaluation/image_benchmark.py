@@ -169,6 +169,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 @dataclass
 class GenerationReport:
+    """How many images a run made and how many it took from the cache."""
+
     generated: int = 0
     reused: int = 0
 
@@ -457,8 +459,14 @@ def preference(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def reference_image_paths(folder: Path) -> list[Path]:
+    """Images under the reference folder (recursive); checked before generation so a typo fails at once."""
+    if not folder.is_dir():
+        raise ConfigError(f"reference image folder {str(folder)!r} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(paths) < 2:
+        raise ConfigError(f"reference folder {str(folder)!r} needs at least 2 images, found {len(paths)}")
+    return paths
 
 
 def _load_images(paths: Iterable[Path]) -> list[Image.Image]:
@@ -474,11 +482,7 @@ def image_quality(
 ) -> tuple[dict[str, Any], list[str]]:
     """Frechet distance of each prior's images to the reference folder on DINOv2 (and Inception) features."""
     notes: list[str] = []
-    ref_paths = _list_images(reference)
-    if len(ref_paths) < 2:
-        raise ConfigError(
-            f"reference folder {str(reference)!r} needs at least 2 images, found {len(ref_paths)}"
-        )
+    ref_paths = reference_image_paths(reference)
 
     def features(paths: Sequence[Path]) -> np.ndarray:
         chunks = [
@@ -497,11 +501,17 @@ def image_quality(
         "dino": {},
         "inception": {},
     }
+    width = ref_feats.shape[1]
     for prior, paths in by_prior.items():
         if len(paths) < 2:
             notes.append(f"Frechet distance skipped for {prior}: needs at least 2 images")
             continue
         result["dino"][prior] = frechet.frechet_distance_features(features(paths), ref_feats)
+        if min(len(paths), len(ref_paths)) <= width:
+            notes.append(
+                f"DINOv2 Frechet distance of {prior} from {len(paths)} images vs {len(ref_paths)} reference images, "
+                f"not more than the feature width {width}: biased upward, compare priors only at equal counts"
+            )
     if cfg.inception:
         ref_images = _load_images(ref_paths)
         for prior, paths in by_prior.items():
@@ -564,6 +574,8 @@ def format_summary(results: dict[str, Any]) -> str:
 
 @dataclass
 class BenchmarkResult:
+    """What ``results.json`` holds, the printed table, and the generation counts."""
+
     results: dict[str, Any]
     summary: str
     generation: GenerationReport = field(default_factory=GenerationReport)
@@ -581,12 +593,14 @@ def run_benchmark(
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     prompt_sets = compbench.load_prompt_sets(cfg.prompts, cfg.categories, cfg.max_prompts)
+    if cfg.reference_images:
+        reference_image_paths(Path(cfg.reference_images).expanduser())
+    parser = compbench.get_parser(cfg.noun_phrases)
     priors = prior_labels(cfg.priors)
     items = plan_images(prompt_sets, priors, cfg.images_per_prompt, cfg.seed, out)
     request_base = {"decoder": cfg.decoder, "clip": cfg.clip, "generation": cfg.generation_settings()}
     report = ensure_images(items, generate or pipeline_generator(cfg), request_base, progress)
 
-    parser = compbench.get_parser(cfg.noun_phrases)
     judges = judges or ScorerSet(cfg.device)
     with_pick = len(priors) >= 2
     notes: list[str] = []
