@@ -241,3 +241,12 @@ def parse_caption(text: str) -> Composition:
         second = replace(second, size="small" if big_first else "big")
         return Composition((first, second), None).canonical()
     return Composition((first, second), kind).canonical()
+
+
+def scene_keys(scene: Scene) -> frozenset[str]:
+    """Keys of every composition this scene satisfies, whatever the caption category.
+
+    A caption with composition key ``k`` truly describes a scene exactly when ``k in scene_keys(scene)``:
+    this is what counts as a positive pair in CLIP training and a hit in zero-shot retrieval.
+    """
+    return frozenset(composition(replace(scene, category=c)).key() for c in MENTIONS)

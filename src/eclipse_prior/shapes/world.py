@@ -156,7 +156,7 @@ def _draw_candidate(rng: np.random.Generator, category: str, force: tuple[str, s
     return Scene(objs, category, relation)
 
 
-def _distinguishable(scene: Scene) -> bool:
+def distinguishable(scene: Scene) -> bool:
     """Two-object captions must tell the objects apart by what the category mentions."""
     if len(scene.objects) < 2:
         return True
@@ -192,7 +192,7 @@ def sample_scene(
         if only_holdout and bindings and (not holdout.relations or rng.random() < 0.7):
             force = bindings[int(rng.integers(len(bindings)))]
         scene = _draw_candidate(rng, category, force)
-        if not _distinguishable(scene):
+        if not distinguishable(scene):
             continue
         if holdout is None:
             return scene
