@@ -364,6 +364,8 @@ def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
     assert pref["win_rate"]["eclipse"]["projection"] + pref["win_rate"]["projection"][
         "eclipse"
     ] == pytest.approx(1)
+    low, high = pref["win_rate_ci95"]["eclipse"]["projection"]
+    assert low <= pref["win_rate"]["eclipse"]["projection"] <= high
     assert "0.6119" in first.summary and "ECLIPSE-Kandinsky v2.2" in first.summary
     assert res["parser"] in ("rules", "spacy:en_core_web_sm")
 

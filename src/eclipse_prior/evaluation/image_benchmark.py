@@ -440,8 +440,9 @@ def aggregate(
     return table
 
 
-def preference(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """PickScore win rates on items (category, prompt, image index = seed) that every prior has."""
+def preference(records: Sequence[dict[str, Any]], n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """PickScore win rates on items (category, prompt, image index = seed) that every prior has, with
+    prompt-level bootstrap 95% intervals."""
     per_prior: dict[str, dict[tuple[str, int, int], float]] = {}
     for r in records:
         if "pickscore" in r:
@@ -452,8 +453,17 @@ def preference(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {}
     common = sorted(set.intersection(*(set(v) for v in per_prior.values())))
     scores = {p: np.array([v[k] for k in common]) for p, v in per_prior.items()}
+    prompts = [(cat, i) for cat, i, _ in common]  # resample prompts, as for the category scores
+    intervals: dict[str, dict[str, list[float] | None]] = {}
+    for a in scores:
+        intervals[a] = {}
+        for b in scores:
+            wins = (scores[a] > scores[b]) + 0.5 * (scores[a] == scores[b])
+            ci = stats.bootstrap_ci(wins, prompts, n_resamples=n_resamples, seed=seed) if a != b else None
+            intervals[a][b] = None if ci is None else [ci.low, ci.high]
     return {
         "win_rate": stats.win_rate_matrix(scores),
+        "win_rate_ci95": intervals,
         "mean_pickscore": {p: float(s.mean()) for p, s in scores.items()},
         "n_items": len(common),
     }
@@ -648,7 +658,7 @@ def run_benchmark(
     elif compbench_files:
         notes.append(f"no paper numbers: decoder {cfg.decoder!r} is neither Kandinsky v2.2 nor Karlo")
     if with_pick:
-        results["preference"] = preference(records)
+        results["preference"] = preference(records, cfg.bootstrap_resamples, cfg.seed)
     if cfg.reference_images:
         quality, q_notes = image_quality(items, cfg, judges, Path(cfg.reference_images).expanduser())
         results["image_quality"] = quality
