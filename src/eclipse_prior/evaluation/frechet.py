@@ -7,7 +7,7 @@ its Inception weights) only when those are installed: they are not dependencies 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -48,7 +48,7 @@ def frechet_distance_features(features1: np.ndarray, features2: np.ndarray) -> f
 
 
 def inception_frechet(
-    generated: Sequence[Image.Image], reference: Sequence[Image.Image]
+    generated: Iterable[Image.Image], reference: Iterable[Image.Image]
 ) -> tuple[float | None, str]:
     """Classic FID on Inception features via torchmetrics, when it and its dependencies are usable.
 

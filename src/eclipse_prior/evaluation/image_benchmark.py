@@ -24,7 +24,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,11 +480,13 @@ def reference_image_paths(folder: Path) -> list[Path]:
 
 
 def _load_images(paths: Iterable[Path]) -> list[Image.Image]:
-    out = []
+    return list(_iter_images(paths))
+
+
+def _iter_images(paths: Iterable[Path]) -> Iterator[Image.Image]:
     for p in paths:
         with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+            yield im.convert("RGB")
 
 
 def image_quality(
@@ -523,9 +525,9 @@ def image_quality(
                 f"not more than the feature width {width}: biased upward, compare priors only at equal counts"
             )
     if cfg.inception:
-        ref_images = _load_images(ref_paths)
         for prior, paths in by_prior.items():
-            value, note = frechet.inception_frechet(_load_images(paths), ref_images)
+            # images stream from disk: a full benchmark's images would not fit in memory at once
+            value, note = frechet.inception_frechet(_iter_images(paths), _iter_images(ref_paths))
             if value is None:
                 notes.append(f"{note}: {len(by_prior)} of {len(by_prior)} priors without Inception FID")
                 result["inception"] = None
