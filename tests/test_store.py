@@ -195,3 +195,25 @@ def test_load_clip_kandinsky_layout_and_missing(tmp_path, tiny_clip_dir):
     assert "\n" not in str(err.value)
     with pytest.raises(ModelNotFoundError, match="no such folder"):
         load_clip(tmp_path / "missing")
+
+
+def test_iter_batches_covers_split_once_per_epoch_and_splits_ranks(tmp_path):
+    store, arrays, _ = _write(tmp_path / "s", n=300, shard_size=64, states=False)
+    train = store.split_indices("train")
+    kw = dict(batch_size=16, seed=3, shuffle_buffer=40, block_rows=32)
+    epoch0 = [b["indices"] for b in store.iter_batches(**kw)]
+    seen = np.concatenate(epoch0)
+    np.testing.assert_array_equal(np.sort(seen), train)  # each train row exactly once
+    assert not np.array_equal(seen, np.sort(seen))  # shuffled
+    first = next(iter(store.iter_batches(**kw)))
+    np.testing.assert_array_equal(first["indices"], epoch0[0])  # deterministic for a seed and epoch
+    np.testing.assert_array_equal(first["image_embeds"], arrays["image_embeds"][epoch0[0]])
+    other = np.concatenate([b["indices"] for b in store.iter_batches(epoch=1, **kw)])
+    assert not np.array_equal(other, seen)
+    ranks = [
+        np.concatenate([b["indices"] for b in store.iter_batches(rank=r, world_size=2, **kw)]) for r in (0, 1)
+    ]
+    assert len(np.intersect1d(*ranks)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate(ranks)), train)
+    sizes = {len(b["indices"]) for b in store.iter_batches(drop_last=True, **kw)}
+    assert sizes == {16}

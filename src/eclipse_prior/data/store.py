@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +436,47 @@ class EmbeddingStore:
         if self._caption_ids is None:
             self._caption_ids = self._concat("caption_ids").astype(np.int64)
         return self._caption_ids[self._indices(indices)]
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_buffer: int = 16_384,
+        block_rows: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One epoch of shuffled batches read almost sequentially, for stores larger than the page cache.
+
+        Contiguous blocks of ``block_rows`` rows are visited in a seeded random order (block b goes to rank
+        b % world_size, so ranks never overlap) and their rows mixed through a ``shuffle_buffer``-row buffer, as
+        webdataset shuffles streamed shards. Every row of the split appears exactly once per epoch across ranks;
+        batches carry their global row ``indices``. Plain ``get_batch`` on random indices is the exact-shuffle path.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        rows = self.split_indices(split)
+        blocks = np.split(rows, np.searchsorted(rows, np.arange(block_rows, len(self), block_rows)))
+        order = rng.permutation(len(blocks))[rank::world_size]
+        buffer = np.zeros(0, dtype=np.int64)
+        for b in order:
+            buffer = np.concatenate([buffer, blocks[b]])
+            while len(buffer) >= max(shuffle_buffer, batch_size):
+                pick = rng.choice(len(buffer), size=batch_size, replace=False)
+                yield self._batch_with_indices(buffer[pick])
+                buffer = np.delete(buffer, pick)
+        buffer = buffer[rng.permutation(len(buffer))]
+        for start in range(0, len(buffer), batch_size):
+            part = buffer[start : start + batch_size]
+            if len(part) == batch_size or not drop_last:
+                yield self._batch_with_indices(part)
+
+    def _batch_with_indices(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        batch = self.get_batch(indices)
+        batch["indices"] = indices
+        return batch
 
     # --- integrity ---------------------------------------------------------------------------------------------
     def validate(self, checksums: bool = True) -> None:
