@@ -260,3 +260,7 @@ def test_one_line_errors(store, tmp_path, capsys):
     np.save(shard, arr)
     _fails(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "j")], "checksum", "shard-00000")
     _fails(capsys, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "k")], "nowhere")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "num_rows": 0}))
+    _fails(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "l")], "empty")
+    _fails(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--no-verify-store"], "empty")
