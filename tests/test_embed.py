@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,13 @@ def test_clip_retrieval_ingest_is_normalized_and_not_reencoded(tmp_path, bundle)
     np.testing.assert_allclose(b["text_states"], ref["text_states"].numpy(), rtol=3e-3, atol=3e-3)
     np.testing.assert_array_equal(b["text_mask"], ref["text_mask"].numpy())
     assert states.text_seq_len == 77 and states.text_state_dim == 32
+    # no text_emb/ in the folder: pooled text is re-encoded and L2-normalised to match the image vectors
+    shutil.copytree(tmp_path / "cr", tmp_path / "cr2", ignore=shutil.ignore_patterns("text_emb*"))
+    reenc = EmbeddingStore(embed(tmp_path / "cr2", bundle, tmp_path / "u", dtype="fp32", num_workers=0))
+    assert reenc.normalized and not reenc.has_text_states
+    np.testing.assert_allclose(
+        reenc.get_batch(np.arange(8))["text_embeds"], expect["txt"], rtol=2e-3, atol=2e-3
+    )
 
 
 def _gated_source(tmp: Path) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@ store as one uninterrupted process. Rank 0 writes the manifest once every shard 
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections import Counter
@@ -45,6 +46,10 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# a slow unit (e.g. a remote tar) must not stall the others; DataLoader has `in_order` from torch 2.6
+_UNORDERED = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
 
 
 def _identity(x: Any) -> Any:
@@ -295,8 +300,8 @@ def _run_units(
         num_workers=workers,
         collate_fn=_identity,
         pin_memory=device.type == "cuda",
-        in_order=False,  # a slow unit (e.g. a remote tar) must not stall the others
         prefetch_factor=4 if workers else None,
+        **_UNORDERED,
     )
     keys = ("image_embeds", "text_embeds") + (("text_states", "text_mask") if text_states else ())
     store_dtype = np.dtype(writer.settings["dtype"])

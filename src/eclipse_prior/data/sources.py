@@ -64,7 +64,11 @@ class Source:
         self.spec = spec
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec}
+        """Recorded in the store; local paths are made absolute so a resume from another directory matches."""
+        spec = self.spec
+        if not spec.startswith("pipe:") and "://" not in spec:
+            spec = os.path.abspath(spec)
+        return {"kind": self.kind, "spec": spec}
 
     def units(self) -> list[Unit]:
         raise NotImplementedError
