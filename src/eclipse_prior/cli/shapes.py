@@ -1,0 +1,76 @@
+"""`eclipse-prior shapes build|benchmark`: thin CLI over eclipse_prior.shapes.build and .benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from eclipse_prior.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `shapes` with its `build` and `benchmark` subcommands."""
+    p = subparsers.add_parser("shapes", help="the offline shapes world: rebuild its weights, run its benchmark")
+    sub = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    b = sub.add_parser("build", help="rebuild the shipped shapes-world weights (clip, judge, decoder, prior)")
+    b.add_argument("--part", choices=["clip", "judge", "decoder", "prior", "all"], default="all",
+                   help="which part to rebuild (default all; decoder and prior need clip)")
+    b.add_argument("--out", default=None, help="weights folder (default: the package's shapes/weights)")
+    b.add_argument("--work", default=None, help="resumable work folder (default: <out>-work)")
+    b.set_defaults(func=run_build)
+
+    m = sub.add_parser("benchmark", help="ECLIPSE vs Projection vs Diffusion-Baseline on held-out compositions")
+    m.add_argument("--out", required=True, help="output folder (results.json, results.md, plots, caches)")
+    m.add_argument("--quick", action="store_true", help="smoke run (< 2 min): tiny data, 2 seeds, no ablations")
+    m.add_argument("--holdout-file", default=None, help="held-out compositions, one per line (default list if absent)")
+    m.add_argument("--seeds", type=int, default=None, help="seeds per prior (default 3; quick 2)")
+    m.add_argument("--clip", default=None, help="shapes CLIP folder (default: shipped)")
+    m.add_argument("--decoder", default=None, help="decoder folder (default: shipped)")
+    m.add_argument("--judge", default=None, help="judge folder (default: shipped)")
+    m.add_argument("--steps", type=int, default=None, help="training steps per prior")
+    m.add_argument("--train-size", type=int, default=None, help="training pairs of the main comparison")
+    m.add_argument("--decode-per-cell", type=int, default=None, help="decoded captions per category and split")
+    m.add_argument("--decoder-steps", type=int, default=None, help="decoder denoising steps for the judge part")
+    m.add_argument("--no-ablations", action="store_true", help="skip the ablations")
+    m.add_argument("--no-judge", action="store_true", help="skip decoding and the judge (embedding metrics only)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.set_defaults(func=run_benchmark_cmd)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Rebuild the requested parts and print the seconds each took."""
+    from eclipse_prior.shapes.benchmark import WEIGHTS_DIR
+    from eclipse_prior.shapes.build import PARTS, build
+
+    parts = PARTS if args.part == "all" else (args.part,)
+    seconds = build(parts, args.out or WEIGHTS_DIR, args.work)
+    print(json.dumps({"seconds": seconds}))
+    return 0
+
+
+def run_benchmark_cmd(args: argparse.Namespace) -> int:
+    """Run (or resume) the benchmark and print where the results are."""
+    from eclipse_prior.shapes.benchmark import BenchmarkConfig, run_benchmark
+
+    overrides = {
+        "holdout_file": args.holdout_file, "seeds": args.seeds, "clip": args.clip, "decoder": args.decoder,
+        "judge": args.judge, "steps": args.steps, "train_size": args.train_size, "threads": args.threads,
+        "decode_per_cell": args.decode_per_cell, "decoder_steps": args.decoder_steps,
+    }
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    if args.quick:
+        cfg = BenchmarkConfig.quick_config(args.out, **overrides)
+    else:
+        cfg = BenchmarkConfig(out=args.out, **{k: v for k, v in overrides.items() if v is not None})
+    cfg.ablations = cfg.ablations and not args.no_ablations
+    cfg.judge_part = not args.no_judge
+    t0 = time.time()
+    results = run_benchmark(cfg, progress=not args.no_progress)
+    print(f"wrote {cfg.out}/results.json, results.md and plots in {time.time() - t0:.0f}s")
+    print(f"tau {results['tau']}; timings {json.dumps(results['timings'])}")
+    return 0

@@ -1,0 +1,190 @@
+"""Shapes benchmark: composition metrics against direct computations, the statistics, and a real --quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eclipse_prior.errors import ConfigError
+from eclipse_prior.shapes import DEFAULT_HOLDOUT, composition, parse_caption
+from eclipse_prior.shapes.benchmark import (
+    MAIN_ROWS,
+    OBJECTIVE_LABELS,
+    ROW_ORACLE,
+    ROW_TEXT,
+    BenchmarkConfig,
+    clip_tau,
+    run_benchmark,
+    shipped,
+    t_interval,
+)
+from eclipse_prior.shapes.metrics import (
+    CompositionBank,
+    build_eval_set,
+    caption_scores,
+    cell_means,
+    composition_held_out,
+    scene_for,
+)
+from eclipse_prior.shapes.world import CATEGORIES
+
+needs_clip = pytest.mark.skipif(not (shipped("clip") / "config.json").is_file(), reason="shapes CLIP not shipped")
+
+
+def test_scene_for_samples_exactly_the_composition_and_twins_differ():
+    eval_set = build_eval_set(DEFAULT_HOLDOUT, compositions_per_cell=3, paraphrases=2)
+    rng = np.random.default_rng(0)
+    assert {c.category for c in eval_set.captions} == set(CATEGORIES)
+    for cap in eval_set.captions:
+        assert composition(cap.scene).key() == cap.key == parse_caption(cap.text).key()
+        comp, category = eval_set.gallery_compositions[cap.key]
+        for _ in range(3):
+            assert composition(scene_for(comp, category, rng)) == comp
+        assert (cap.split == "held-out") == composition_held_out(comp, DEFAULT_HOLDOUT)
+    # every evaluated composition brought a distinct twin into the gallery
+    evaluated = {c.key for c in eval_set.captions}
+    assert len(eval_set.gallery) > len(evaluated)
+    assert len(set(eval_set.gallery)) == len(eval_set.gallery)
+    # the shape category never states a colour, so it has no held-out compositions
+    assert not any(c.category == "shape" and c.split == "held-out" for c in eval_set.captions)
+
+
+@pytest.mark.parametrize(
+    ("caption", "held"),
+    [
+        ("an orange square", True),
+        ("a star and a square", False),
+        ("a red circle on the left of a blue triangle", True),  # held-out relation "circle left of triangle"
+        ("a blue triangle to the right of a red circle", True),  # the same relation phrased the other way
+        ("a red triangle left of a blue circle", False),
+        ("a big striped orange square above a small dotted red circle", True),
+    ],
+)
+def test_composition_held_out(caption, held):
+    assert composition_held_out(parse_caption(caption), DEFAULT_HOLDOUT) is held
+
+
+def test_t_interval_against_hand_computed_values():
+    stat = t_interval([1.0, 2.0, 3.0, 4.0])
+    # t_{0.975, 3} = 3.182446305; sample std = sqrt(5/3)
+    half = 3.182446305 * math.sqrt(5 / 3) / 2
+    assert stat["mean"] == pytest.approx(2.5)
+    assert stat["ci"] == pytest.approx([2.5 - half, 2.5 + half], rel=1e-6)
+    assert stat["n"] == 4
+    assert t_interval([0.7])["ci"] == [0.7, 0.7]
+
+
+def test_caption_scores_against_direct_formulas():
+    torch.manual_seed(0)
+    renders = torch.randn(5, 8, 16)  # 5 compositions x 8 renders
+    bank = CompositionBank.from_renders(list("abcde"), renders)
+    centre = renders.mean((0, 1))
+    keys = ["a", "c", "e", "b"]
+    pred = torch.randn(4, 16)
+    scores = caption_scores(pred, keys, bank)
+    rows = [0, 2, 4, 1]
+    for i, r in enumerate(rows):
+        expected_cos = torch.nn.functional.cosine_similarity(pred[i].expand(8, -1), renders[r]).mean()
+        assert scores["cos_true"][i] == pytest.approx(float(expected_cos), abs=1e-5)
+        centred = torch.nn.functional.cosine_similarity((pred[i] - centre).expand(8, -1), renders[r] - centre).mean()
+        assert scores["cos_centred"][i] == pytest.approx(float(centred), abs=1e-5)
+        sims = torch.nn.functional.cosine_similarity(pred[i].expand(5, -1), bank.mean)
+        assert scores["top1"][i] == float(int(sims.argmax()) == r)
+    perfect = caption_scores(bank.mean[rows] * 3.0, keys, bank)
+    assert perfect["top1"].tolist() == [1.0] * 4
+
+
+def test_cell_means_by_category_and_split():
+    eval_set = build_eval_set(DEFAULT_HOLDOUT, compositions_per_cell=2, paraphrases=1)
+    n = len(eval_set.captions)
+    values = np.arange(n, dtype=np.float64)
+    cells = cell_means({"m": values}, eval_set.captions)["m"]
+    for category in CATEGORIES:
+        for split in ("seen", "held-out"):
+            idx = [i for i, c in enumerate(eval_set.captions) if c.category == category and c.split == split]
+            key = f"{category}/{split}"
+            assert (key in cells) == bool(idx)
+            if idx:
+                assert cells[key] == pytest.approx(values[idx].mean())
+    assert cells["all/seen"] == pytest.approx(values[[c.split == "seen" for c in eval_set.captions]].mean())
+
+
+def test_unknown_build_part_is_a_config_error(tmp_path):
+    from eclipse_prior.shapes.build import build
+
+    with pytest.raises(ConfigError, match="unknown part"):
+        build(["clip", "unet"], tmp_path)
+
+
+@needs_clip
+def test_build_prior_writes_a_loadable_fp16_eclipse_prior(tmp_path):
+    from eclipse_prior.models import EclipsePrior, load_prior
+    from eclipse_prior.shapes.build import build_prior
+
+    out = build_prior(tmp_path / "prior", shipped("clip"), tmp_path / "work", log=lambda s: None, steps=3,
+                      train_size=64, preset="tiny", warmup=1)
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() or list(out.glob("*.safetensors"))
+    prior = load_prior(str(out), local_files_only=True)
+    assert isinstance(prior, EclipsePrior)
+    assert {p.dtype for p in prior.parameters()} == {torch.float16}
+    run = json.loads((tmp_path / "work" / "runs" / "eclipse-lam0.2-tiny-n64-s0" / "run.json").read_text())
+    assert run["status"] == "finished"
+
+
+@needs_clip
+def test_quick_benchmark_real_run(tmp_path):
+    from eclipse_prior.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["shapes", "benchmark", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tau"] == pytest.approx(clip_tau(shipped("clip")))
+    assert set(results["main"]) == set(MAIN_ROWS)
+    for metrics in results["main"].values():
+        assert {"top1", "cos_true", "cos_centred"} <= set(metrics)
+        for cells in metrics.values():
+            assert "shape/held-out" not in cells
+            assert {f"{c}/seen" for c in CATEGORIES} <= set(cells)
+            for stat in cells.values():
+                assert stat["ci"][0] <= stat["mean"] + 1e-12 <= stat["ci"][1] + 2e-12
+                assert stat["n"] == 2
+                assert -1.0 <= stat["mean"] <= 1.0
+    main_rows = results["main"]
+
+    def both(row: str, metric: str) -> float:
+        return np.mean([main_rows[row][metric][f"all/{s}"]["mean"] for s in ("seen", "held-out")])
+
+    # a true image embedding retrieves its composition better than the raw text embedding (the modality gap)
+    assert both(ROW_ORACLE, "top1") > both(ROW_TEXT, "top1")
+    assert both(ROW_ORACLE, "cos_true") > both(ROW_TEXT, "cos_true") + 0.2
+    # even a briefly trained prior moves predictions from the text cone toward the image cone
+    for label in OBJECTIVE_LABELS.values():
+        assert both(label, "cos_true") > both(ROW_TEXT, "cos_true")
+    # the training store holds no held-out composition and went through embed
+    captions = [json.loads(line) for line in (out / "data" / "images-n300" / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 300 and not any(c["held_out"] for c in captions)
+    assert not any(composition_held_out(parse_caption(c["caption"]), DEFAULT_HOLDOUT) for c in captions)
+    manifest = json.loads((out / "data" / "store-n300" / "manifest.json").read_text())
+    assert manifest["num_rows"] == 300
+    runs = [d for d in (out / "runs").iterdir() if d.is_dir()]
+    assert len(runs) == 6  # 3 objectives x 2 seeds
+    for spec_dir in runs:
+        assert json.loads((spec_dir / "run.json").read_text())["status"] == "finished"
+    md = (out / "results.md").read_text()
+    for row in MAIN_ROWS:
+        assert row in md
+    from PIL import Image
+
+    for png in ("main_top1.png", "main_cos_true.png"):
+        assert Image.open(out / png).size[0] > 100
+    if "judge" in results:
+        for row in MAIN_ROWS:
+            for stat in results["main"][row]["judge"].values():
+                assert 0.0 <= stat["mean"] <= 1.0
+    # a rerun reuses every cached prior, evaluation and decode and reproduces the numbers
+    again = run_benchmark(BenchmarkConfig.quick_config(str(out), threads=1), log=lambda s: None, progress=False)
+    assert again["main"] == results["main"]
