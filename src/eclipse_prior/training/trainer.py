@@ -460,7 +460,8 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                         for k, v in window_terms.items()
                     }
                     window, window_terms = [], {}
-                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)  # this window, training time only
+                    t0, samples = time.perf_counter(), 0
                     if main:
                         row = {"step": done, "loss": mean_loss, **parts, "lr": scheduler.get_last_lr()[0],
                                "samples_per_s": rate}
@@ -468,6 +469,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                         if cfg.report_to != "none":
                             accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
                         progress.set_postfix(loss=f"{mean_loss:.4g}", samples_s=f"{rate:.0f}")
+                paused = time.perf_counter()
                 if main and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
                     _validate(ema.model, store, cfg, done, metrics_path, accelerator)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -478,6 +480,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                                         cfg.keep_checkpoints)
                         save_prior_atomic(ema.model, run_dir / "prior")
                     accelerator.wait_for_everyone()
+                t0 += time.perf_counter() - paused  # validation and checkpoints do not count against samples/s
                 progress.update(1)
         finally:
             batches.close()
