@@ -119,9 +119,23 @@ def _big_prior_pass(
     return seconds, params
 
 
+def run(quick: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
+    """Measure and return one row per prior, with latency and FLOP ratios against ECLIPSE.
+
+    `threads` sets torch's intra-op threads for the run (on a shared, oversubscribed CPU one thread is far
+    steadier than several: spinning threads wait for descheduled ones); None keeps torch's default.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(quick)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 @torch.inference_mode()
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Measure and return one row per prior, with latency and FLOP ratios against ECLIPSE."""
+def _measure(quick: bool) -> list[dict[str, Any]]:
     from eclipse_prior.models import DiffusionPrior, EclipsePrior
 
     repeats = 3 if quick else 10
@@ -174,6 +188,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "flops_counted": counted_eclipse,
             "flop_ratio": 1.0,
             "measured": "full sampling",
+            "threads": torch.get_num_threads(),
         },
         {
             "prior": f"Diffusion-Baseline ({STEPS} steps, CFG {GUIDANCE:g})",
@@ -184,6 +199,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "flops_counted": counted_baseline,
             "flop_ratio": baseline_flops / eclipse_flops,
             "measured": "full sampling",
+            "threads": torch.get_num_threads(),
         },
         {
             "prior": f"Kandinsky v2.2 prior, 1B config ({STEPS} steps, CFG {GUIDANCE:g})",
@@ -194,6 +210,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "flops_counted": None,
             "flop_ratio": big_flops / eclipse_flops,
             "measured": f"1 pass at batch 1 ({big_layers}/20 layers) x {STEPS} steps x 2 (estimate)",
+            "threads": torch.get_num_threads(),
         },
     ]
 
@@ -202,9 +219,10 @@ def main() -> None:
     """Print the rows as a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; 2 of the 1B prior's 20 layers")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    rows = run(args.quick)
-    print(f"torch threads: {torch.get_num_threads()}")
+    rows = run(args.quick, args.threads)
+    print(f"torch threads: {rows[0]['threads']}")
     print(f"{'prior':58} {'params':>8} {'latency':>9} {'x ECLIPSE':>10} {'GFLOP':>9} {'FLOP x':>8}  measured")
     for r in rows:
         counted = "" if r["flops_counted"] is None else f" (counted {r['flops_counted'] / 1e9:.2f})"

@@ -24,6 +24,15 @@ from eclipse_prior.pipelines.tiny import save_tiny_kandinsky_decoder, save_tiny_
 SIZE, STEPS = 32, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads spin-wait: use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_clip_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipes")
@@ -127,7 +136,11 @@ def test_original_diffusion_prior_matches_diffusers_prior_pipeline(kandinsky, fo
     pipe = kandinsky
     torch.manual_seed(0)
     prior = PriorTransformer(
-        num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=32, num_embeddings=77,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        embedding_dim=32,
+        num_embeddings=77,
         additional_embeddings=4,
     ).eval()
     scheduler = UnCLIPScheduler(
@@ -147,6 +160,16 @@ def test_original_diffusion_prior_matches_diffusers_prior_pipeline(kandinsky, fo
     want = reference("a red square", generator=_gen(2), num_inference_steps=3, guidance_scale=4.0)
     assert torch.equal(got.image_embeds, want.image_embeds)
     assert torch.equal(got.negative_image_embeds, want.negative_image_embeds)
+
+    # Saved in the kandinsky-community/kandinsky-2-2-prior layout, it loads by path as a --prior.
+    reference.save_pretrained(folders["root"] / "original_prior")
+    loaded = load_pipeline(
+        str(folders["root"] / "original_prior"), str(folders["kandinsky"]), str(folders["clip"])
+    )
+    assert loaded.prior_class == "PriorTransformer"
+    assert isinstance(loaded.pipe.prior_scheduler, UnCLIPScheduler)
+    again = loaded.pipe.prepare_embeds("a red square", generator=_gen(2), prior_num_inference_steps=3)
+    assert torch.equal(again.image_embeds, want.image_embeds)
 
 
 def test_prior_of_the_wrong_width_fails_with_one_line(kandinsky):

@@ -58,10 +58,11 @@ KANDINSKY_SIZE = 512
 # What to fetch from the hub per role: configs, tokenizer files and safetensors weights, never pickles.
 _IGNORE = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx*", "*fp16*", "open_clip*"]
 _PATTERNS = {
+    # root files only (fnmatch's * crosses folders): a prior repo may also hold multi-GB CLIP towers
     "prior": [
         "model_index.json",
         "config.json",
-        "*.safetensors",
+        "diffusion_pytorch_model.safetensors",
         "prior/*",
         "scheduler/*",
         "prior_scheduler/*",

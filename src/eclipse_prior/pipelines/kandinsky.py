@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
+from eclipse_prior.errors import ConfigError
 from eclipse_prior.pipelines.common import (
     EclipsePipelineOutput,
     TextEncoding,
@@ -100,9 +101,9 @@ class EclipseKandinskyV22Pipeline(DiffusionPipeline):
         through the processor); reusing its method keeps us identical to `KandinskyV22PriorPipeline`.
         """
         if self.image_encoder is None:
-            raise ValueError(
-                "the zero-image negative embedding needs the CLIP image encoder; load a CLIP with its vision "
-                "tower or pass a negative prompt"
+            raise ConfigError(
+                "the zero-image negative embedding needs the CLIP image encoder; use a CLIP with its vision "
+                "tower (--clip) or pass a negative prompt"
             )
         return KandinskyV22PriorPipeline.get_zero_embed(self, batch_size, device=self._execution_device)
 
@@ -140,7 +141,7 @@ class EclipseKandinskyV22Pipeline(DiffusionPipeline):
                 [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
             )
             if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
             negative = run_prior(
                 self.prior,
                 self.prior_scheduler,

@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline
 from diffusers.utils import logging as diffusers_logging
 
+from eclipse_prior.errors import ConfigError
 from eclipse_prior.pipelines.common import (
     EclipsePipelineOutput,
     TextEncoding,
@@ -151,7 +152,7 @@ class EclipseKarloPipeline(DiffusionPipeline):
                 else list(negative_prompt)
             )
             if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         text = self._encode(prompts)
         uncond = self._encode(negatives)
         empty = uncond if negative_prompt is None else None
