@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,16 +144,51 @@ def _not_found(id_or_path: str, why: str) -> ModelNotFoundError:
     )
 
 
-def _has_subfolder_layout(id_or_path: str, local: bool, local_files_only: bool) -> bool:
-    if local:
-        return (Path(id_or_path) / SUBFOLDERS["text"] / "config.json").is_file()
-    from huggingface_hub import hf_hub_download
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves: without DNS, huggingface_hub would retry for about a minute."""
+    from huggingface_hub import constants
 
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
     try:
-        hf_hub_download(id_or_path, "model_index.json", local_files_only=local_files_only)
+        socket.getaddrinfo(host, 443)
         return True
-    except Exception:  # no model_index.json (a plain CLIPModel repo) or not reachable: try the root layout
+    except OSError:
         return False
+
+
+def _hub_layout(repo_id: str, local_files_only: bool) -> tuple[bool, bool]:
+    """(subfolder layout?, load from cache only?) for a hub id, asking the network at most once.
+
+    The cache is tried first so a downloaded model loads offline without retries; an unreachable hub or an unknown
+    repo becomes one ModelNotFoundError instead of a fall-through to a second, equally failing request.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
+
+    for name, subfolders in (("config.json", False), ("model_index.json", True)):
+        try:
+            hf_hub_download(repo_id, name, local_files_only=True)
+            return subfolders, True
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            continue
+    if local_files_only:
+        raise _not_found(repo_id, "not in the local cache and offline")
+    if not _hub_resolves():
+        raise _not_found(repo_id, "the model hub is unreachable and the model is not cached")
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # no retry chatter: the outcome is reported as one line
+    try:
+        hf_hub_download(repo_id, "model_index.json")
+        return True, False
+    except LocalEntryNotFoundError as err:  # the hub could not be reached
+        raise _not_found(repo_id, "the model hub is unreachable and the model is not cached") from err
+    except EntryNotFoundError:  # a plain CLIPModel repo
+        return False, False
+    except Exception as err:  # unknown repo, gated, ...
+        raise _not_found(repo_id, type(err).__name__) from err
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 def _revision(config: Any, local: bool) -> str:
@@ -186,8 +223,11 @@ def load_clip(
             raise _not_found(name, "no such folder")
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    if local:
+        subfolders = (Path(name) / SUBFOLDERS["text"] / "config.json").is_file()
+    else:
+        subfolders, local_files_only = _hub_layout(name, local_files_only)
     kw: dict[str, Any] = {"local_files_only": local_files_only}
-    subfolders = _has_subfolder_layout(name, local, local_files_only)
 
     def sub(part: str) -> dict[str, Any]:
         return {"subfolder": SUBFOLDERS[part]} if subfolders else {}
