@@ -4,6 +4,7 @@ one-line errors (offline missing model, wrong width, bad options)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,12 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, capsys):
     assert "fp16 needs a CUDA GPU" in _one_line_error(capsys)
     assert main(["generate", "--from-sidecar", str(tmp_path / "missing.json")]) == 2
     assert "sidecar not found" in _one_line_error(capsys)
+    broken = tmp_path / "no_weights"
+    shutil.copytree(models["kandinsky"], broken)
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.unlink()
+    assert main([*base[:4], str(broken), *base[5:], "--prompt", "x"]) == 2
+    assert "safetensors" in _one_line_error(capsys)
     if not torch.cuda.is_available():
         assert main([*base, "--prompt", "x", "--offload", "model"]) == 2
         assert "needs a CUDA GPU" in _one_line_error(capsys)

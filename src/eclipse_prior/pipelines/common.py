@@ -19,7 +19,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from eclipse_prior.errors import ConfigError
+from eclipse_prior.errors import ConfigError, ModelNotFoundError
 
 
 class IncompatibleModelsError(ConfigError):
@@ -203,6 +203,21 @@ def run_prior(
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
+def load_weights(cls: Any, folder: Path, dtype: torch.dtype | None = None) -> Any:
+    """`cls.from_pretrained` from safetensors only, in eval mode; failure is one line naming the folder."""
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        return cls.from_pretrained(folder, **kwargs).eval()
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelNotFoundError(
+            f"cannot load {cls.__name__} from {folder} ({reason}); a folder needs safetensors weights "
+            f"(pickled .bin files are never loaded)"
+        ) from err
+
+
 def load_component(
     folder: Path, name: str, library: str, class_name: str, torch_dtype: torch.dtype | None
 ) -> Any:
@@ -229,10 +244,9 @@ def load_component(
         cls = None
     if cls is None:
         raise ConfigError(f"{folder}: cannot load component {name!r} of class {library}.{class_name}")
-    part = cls.from_pretrained(folder / name)
-    if torch_dtype is not None and isinstance(part, torch.nn.Module):
-        part = part.to(torch_dtype)
-    return part
+    if not issubclass(cls, torch.nn.Module):  # tokenizer, image processor, scheduler
+        return cls.from_pretrained(folder / name)
+    return load_weights(cls, folder / name, torch_dtype)
 
 
 def load_saved_components(

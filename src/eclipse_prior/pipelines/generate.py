@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
-from eclipse_prior.pipelines.common import check_offload
+from eclipse_prior.pipelines.common import check_offload, load_weights
 
 SIDECAR_FORMAT = "eclipse-prior-sidecar/1"
 
@@ -177,12 +177,10 @@ def load_any_prior(folder: Path, dtype: torch.dtype, local_files_only: bool | No
     if entry[1] == "PriorTransformer":
         from diffusers import PriorTransformer
 
-        prior = PriorTransformer.from_pretrained(
-            folder, subfolder="prior", torch_dtype=dtype, use_safetensors=True
-        )
+        prior = load_weights(PriorTransformer, folder / "prior", dtype)
         for name in ("prior_scheduler", "scheduler"):
             if (folder / name / "scheduler_config.json").is_file():
-                return prior.eval(), _load_scheduler(folder / name)
+                return prior, _load_scheduler(folder / name)
         raise ConfigError(f"{folder} has a PriorTransformer but no scheduler/ or prior_scheduler/ folder")
     from eclipse_prior.models.loading import load_prior
 
@@ -279,22 +277,22 @@ def load_pipeline(
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
         text = {
-            "text_encoder": CLIPTextModelWithProjection.from_pretrained(
-                dec_folder / "text_encoder", torch_dtype=torch_dtype
-            ).eval(),
+            "text_encoder": load_weights(
+                CLIPTextModelWithProjection, dec_folder / "text_encoder", torch_dtype
+            ),
             "tokenizer": AutoTokenizer.from_pretrained(dec_folder / "tokenizer"),
         }
         if kind == "kandinsky22" and (dec_folder / "image_encoder").is_dir():
-            text["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
-                dec_folder / "image_encoder", torch_dtype=torch_dtype
-            ).eval()
+            text["image_encoder"] = load_weights(
+                CLIPVisionModelWithProjection, dec_folder / "image_encoder", torch_dtype
+            )
     if kind == "kandinsky22":
         from diffusers import UNet2DConditionModel, VQModel
 
         pipe = EclipseKandinskyV22Pipeline(
             prior=prior_model,
-            unet=UNet2DConditionModel.from_pretrained(dec_folder / "unet", torch_dtype=torch_dtype),
-            movq=VQModel.from_pretrained(dec_folder / "movq", torch_dtype=torch_dtype),
+            unet=load_weights(UNet2DConditionModel, dec_folder / "unet", torch_dtype),
+            movq=load_weights(VQModel, dec_folder / "movq", torch_dtype),
             scheduler=_load_scheduler(dec_folder / "scheduler"),
             prior_scheduler=prior_scheduler,
             **text,
@@ -306,14 +304,10 @@ def load_pipeline(
         # Components loaded one by one: UnCLIPPipeline.from_pretrained fails in diffusers 0.42 (see karlo.py).
         pipe = EclipseKarloPipeline(
             prior=prior_model,
-            text_proj=UnCLIPTextProjModel.from_pretrained(dec_folder / "text_proj", torch_dtype=torch_dtype),
-            decoder=UNet2DConditionModel.from_pretrained(dec_folder / "decoder", torch_dtype=torch_dtype),
-            super_res_first=UNet2DModel.from_pretrained(
-                dec_folder / "super_res_first", torch_dtype=torch_dtype
-            ),
-            super_res_last=UNet2DModel.from_pretrained(
-                dec_folder / "super_res_last", torch_dtype=torch_dtype
-            ),
+            text_proj=load_weights(UnCLIPTextProjModel, dec_folder / "text_proj", torch_dtype),
+            decoder=load_weights(UNet2DConditionModel, dec_folder / "decoder", torch_dtype),
+            super_res_first=load_weights(UNet2DModel, dec_folder / "super_res_first", torch_dtype),
+            super_res_last=load_weights(UNet2DModel, dec_folder / "super_res_last", torch_dtype),
             decoder_scheduler=_load_scheduler(dec_folder / "decoder_scheduler"),
             super_res_scheduler=_load_scheduler(dec_folder / "super_res_scheduler"),
             prior_scheduler=prior_scheduler,
