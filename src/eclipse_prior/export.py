@@ -46,7 +46,11 @@ def model_card(run_dir: Path, use_ema: bool, prior: Any) -> str:
         f"# {type(prior).__name__} ({objective} objective)",
         "",
         "A text-to-image prior (CLIP text embedding -> CLIP image embedding) trained with eclipse-prior, "
-        "saved in the layout of the released ECLIPSE checkpoints.",
+        + (
+            "saved in the layout of the released ECLIPSE checkpoints (same config fields and weight names)."
+            if objective != "diffusion"
+            else "the paper's Diffusion-Baseline, saved in diffusers format."
+        ),
         "",
         "```python",
         "from eclipse_prior import load_prior",
@@ -58,7 +62,8 @@ def model_card(run_dir: Path, use_ema: bool, prior: Any) -> str:
         "| field | value |",
         "|---|---|",
         f"| objective | {objective} |",
-        f"| lam / tau | {cfg.get('lam')} / {cfg.get('tau')} |",
+        f"| lam / tau | {cfg.get('lam')} / {cfg.get('tau')} |" if objective == "eclipse"
+        else "| lam / tau | not used (projection loss only) |",
         f"| steps | {cfg.get('steps')} |",
         f"| global batch | {run.get('global_batch')} (processes: {run.get('world_size')}) |",
         f"| lr / warm-up | {cfg.get('lr')} / {cfg.get('warmup_steps')} |",
