@@ -106,8 +106,7 @@ class _UnitBatches(IterableDataset):
             out["skipped"] = dict(unit.skipped)
         if images:
             try:
-                rgb = images
-                out["pixel_values"] = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+                out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
             except Exception:  # one odd image broke the batch call: redo one by one, dropping the bad ones
                 keep, pix = [], []
                 for rec, im in zip(records, images, strict=True):
@@ -206,7 +205,7 @@ def embed(
             local_files_only=local_files_only,
         )
     seq_len = bundle.max_length if text_states else None
-    state_dim = bundle.text_model.config.hidden_size if text_states else None
+    state_dim = bundle.text_state_dim if text_states else None
     per_row = row_bytes(bundle.embed_dim, dtype, seq_len, state_dim)
     if shard_size is None:
         shard_size = max(256, min(DEFAULT_SHARD_SIZE, SHARD_BYTES_TARGET // per_row))
@@ -246,6 +245,12 @@ def embed(
     if rank != 0:
         return Path(out)
     _wait_for_shards(writer, len(units), log)
+    if command is None:  # called from Python: record the call instead of a command line
+        command = (
+            f"eclipse_prior.data.embed.embed({str(source)!r}, {bundle.name!r}, {str(out)!r}, "
+            f"text_states={text_states}, dtype={dtype!r}, batch_size={batch_size}, shard_size={shard_size}, "
+            f"val_fraction={val_fraction})"
+        )
     manifest = writer.finalize(len(units), {"command": command, "world_size": world})
     _print_summary(manifest, log)
     return Path(out)
