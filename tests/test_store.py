@@ -217,3 +217,25 @@ def test_iter_batches_covers_split_once_per_epoch_and_splits_ranks(tmp_path):
     np.testing.assert_array_equal(np.sort(np.concatenate(ranks)), train)
     sizes = {len(b["indices"]) for b in store.iter_batches(drop_last=True, **kw)}
     assert sizes == {16}
+
+
+def test_load_clip_hub_id_from_cache_records_commit(tmp_path, tiny_clip_dir, monkeypatch):
+    """A hub id already in the Hugging Face cache loads without the network and records the snapshot commit."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-clip"
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    bundle = load_clip("tiny-org/tiny-clip")  # cache first: no network request is made for a cached model
+    assert bundle.revision == commit and bundle.name == "tiny-org/tiny-clip"
+    local = load_clip(tiny_clip_dir)
+    torch.testing.assert_close(
+        bundle.encode_text(["a red square"])["text_embeds"],
+        local.encode_text(["a red square"])["text_embeds"],
+    )

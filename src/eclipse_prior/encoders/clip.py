@@ -191,9 +191,16 @@ def _hub_layout(repo_id: str, local_files_only: bool) -> tuple[bool, bool]:
         hub_logging.set_verbosity(level)
 
 
-def _revision(config: Any, local: bool) -> str:
-    commit = getattr(config, "_commit_hash", None)
-    return "local" if local or not commit else str(commit)
+def _hub_commit(repo_id: str, subfolders: bool) -> str:
+    """The commit of the cached snapshot that was loaded (its folder name under ``snapshots/``)."""
+    from huggingface_hub import hf_hub_download
+
+    filename = f"{SUBFOLDERS['text']}/config.json" if subfolders else "config.json"
+    try:
+        parts = Path(hf_hub_download(repo_id, filename, local_files_only=True)).parts
+    except Exception:  # cache layout not as expected: provenance unknown rather than wrong
+        return "unknown"
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else "unknown"
 
 
 def load_clip(
@@ -242,7 +249,6 @@ def load_clip(
                 full = CLIPConfig.from_pretrained(name, **kw)
                 text_cfg, vision_cfg = full.text_config, full.vision_config
                 text_cfg.projection_dim = vision_cfg.projection_dim = full.projection_dim
-                text_cfg._commit_hash = getattr(full, "_commit_hash", None)
             tokenizer = AutoTokenizer.from_pretrained(name, **sub("tokenizer"), **kw) if text else None
             text_model = (
                 CLIPTextModelWithProjection.from_pretrained(name, config=text_cfg, **sub("text"), **kw)
@@ -272,7 +278,7 @@ def load_clip(
         vision_model=vision_model,
         image_processor=processor,
         name=str(id_or_path),
-        revision=_revision(text_cfg, local),
+        revision="local" if local else _hub_commit(name, subfolders),
         embed_dim=embed_dim,
         max_length=min(tok_max, max_pos),
         device=torch.device(device),
