@@ -221,3 +221,41 @@ def test_karlo_round_trip_seeds_and_decoder_input(folders):
     narrow = EclipsePrior.from_preset("tiny", embedding_dim=16, num_embeddings=77)
     with pytest.raises(IncompatibleModelsError, match="width 16 but the Karlo decoder expects width 32"):
         EclipseKarloPipeline(**{**pipe.components, "prior": narrow})
+
+
+def test_karlo_with_its_own_diffusion_prior_reproduces_diffusers_unclip(folders):
+    """Karlo's PriorTransformer loaded by path as --prior gives the same pixels as diffusers' UnCLIPPipeline."""
+    import json
+
+    from diffusers import PriorTransformer, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
+
+    torch.manual_seed(0)
+    folder = folders["root"] / "karlo_prior"
+    PriorTransformer(
+        num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=32, num_embeddings=77,
+        additional_embeddings=4,
+    ).save_pretrained(folder / "prior")  # fmt: skip
+    UnCLIPScheduler(
+        variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0
+    ).save_pretrained(folder / "prior_scheduler")
+    index = {"prior": ["diffusers", "PriorTransformer"], "prior_scheduler": ["diffusers", "UnCLIPScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    loaded = load_pipeline(str(folder), str(folders["karlo"]))
+    pipe = loaded.pipe
+    assert loaded.prior_class == "PriorTransformer"
+    kw = dict(num_inference_steps=STEPS, super_res_num_inference_steps=STEPS, prior_num_inference_steps=3)
+    ours = pipe("a red square", generator=_gen(4), **kw)
+    reference = UnCLIPPipeline(
+        prior=pipe.prior, decoder=pipe.decoder, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        text_proj=pipe.text_proj, super_res_first=pipe.super_res_first, super_res_last=pipe.super_res_last,
+        prior_scheduler=pipe.prior_scheduler, decoder_scheduler=pipe.decoder_scheduler,
+        super_res_scheduler=pipe.super_res_scheduler,
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(
+        "a red square", generator=_gen(4), prior_num_inference_steps=3, decoder_num_inference_steps=STEPS,
+        super_res_num_inference_steps=STEPS,
+    )  # fmt: skip
+    assert np.array_equal(_pixels(ours.images), _pixels(theirs.images))
