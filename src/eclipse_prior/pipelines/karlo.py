@@ -2,10 +2,12 @@
 
 diffusers 0.42 keeps UnCLIP only in `diffusers.pipelines.deprecated.unclip`, and `UnCLIPPipeline.from_pretrained`
 of a saved folder fails there (`UnCLIPTextProjModel` is no longer exported from `diffusers`, so the loader cannot
-resolve the `text_proj` entry of `model_index.json`). We therefore load `text_proj` ourselves and hand it to the
-generic loader. Decoding reuses `UnCLIPImageVariationPipeline`, which accepts given image embeddings, with its
-prompt encoding replaced by the real caption's (the image-variation pipeline conditions on an empty caption,
-the text-to-image `UnCLIPPipeline` on the prompt, which is what Karlo with a prior does).
+resolve the `text_proj` entry of `model_index.json`). We therefore load every component ourselves, by class
+(`load_pipeline` for Karlo's folder layout, `from_pretrained` for saved pipelines). Decoding reuses
+`UnCLIPImageVariationPipeline`, which accepts given image embeddings, with its prompt encoding replaced by the
+real caption's (the image-variation pipeline conditions on an empty caption, the text-to-image `UnCLIPPipeline`
+on the prompt, which is what Karlo with a prior does); with Karlo's own prior the result is pixel-equal to
+`UnCLIPPipeline` (tested).
 """
 
 from __future__ import annotations
