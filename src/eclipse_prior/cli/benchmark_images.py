@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from eclipse_prior.evaluation import image_benchmark as ib
-from eclipse_prior.evaluation import scorers
+from eclipse_prior.evaluation import compbench as scorer_ids
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,20 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (generation and scorers)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="generation precision")
     s = p.add_argument_group("scorers (hub id or local folder)")
-    s.add_argument("--vqa-model", default=scorers.DEFAULT_VQA_MODEL, help="BLIP VQA for colour/shape/texture")
+    s.add_argument("--vqa-model", default=scorer_ids.DEFAULT_VQA_MODEL, help="BLIP VQA for colour/shape/texture")
     s.add_argument(
         "--detector-model",
-        default=scorers.DEFAULT_DETECTOR_MODEL,
+        default=scorer_ids.DEFAULT_DETECTOR_MODEL,
         help="OWLv2 (default) or Grounding DINO for spatial",
     )
-    s.add_argument("--clipscore-model", default=scorers.DEFAULT_CLIPSCORE_MODEL, help="CLIP for non-spatial")
-    s.add_argument("--pickscore-model", default=scorers.DEFAULT_PICKSCORE_MODEL, help="PickScore CLIP")
+    s.add_argument("--clipscore-model", default=scorer_ids.DEFAULT_CLIPSCORE_MODEL, help="CLIP for non-spatial")
+    s.add_argument("--pickscore-model", default=scorer_ids.DEFAULT_PICKSCORE_MODEL, help="PickScore CLIP")
     s.add_argument(
         "--pickscore-processor",
-        default=scorers.DEFAULT_PICKSCORE_PROCESSOR,
+        default=scorer_ids.DEFAULT_PICKSCORE_PROCESSOR,
         help="processor (tokenizer + image processor) PickScore was trained with",
     )
-    s.add_argument("--dino-model", default=scorers.DEFAULT_DINO_MODEL, help="DINOv2 for Frechet distance")
+    s.add_argument("--dino-model", default=scorer_ids.DEFAULT_DINO_MODEL, help="DINOv2 for Frechet distance")
     s.add_argument("--reference-images", default=None, help="folder of real images for Frechet distance")
     s.add_argument(
         "--no-inception",
@@ -96,6 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from eclipse_prior.evaluation import image_benchmark as ib
+
     cfg = ib.BenchmarkConfig(
         priors=args.priors,
         decoder=args.decoder,

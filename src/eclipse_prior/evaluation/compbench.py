@@ -19,6 +19,15 @@ from pathlib import Path
 
 from eclipse_prior.errors import ConfigError
 
+# The scorer models T2I-CompBench and the paper use (hub ids; a local folder works wherever one is accepted).
+# Kept here, free of torch, so the CLI can show them without importing the models.
+DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
+DEFAULT_DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
+DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+DEFAULT_DINO_MODEL = "facebook/dinov2-base"
+
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
 # The metric each category is judged by (T2I-CompBench); any other prompt file is judged by CLIPScore alignment.

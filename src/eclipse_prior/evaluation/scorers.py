@@ -25,14 +25,16 @@ import torch
 from PIL import Image
 
 from eclipse_prior.errors import ModelNotFoundError
-from eclipse_prior.evaluation.compbench import Box
+from eclipse_prior.evaluation.compbench import (  # noqa: F401  (re-exported: the scorers' default ids)
+    DEFAULT_CLIPSCORE_MODEL,
+    DEFAULT_DETECTOR_MODEL,
+    DEFAULT_DINO_MODEL,
+    DEFAULT_PICKSCORE_MODEL,
+    DEFAULT_PICKSCORE_PROCESSOR,
+    DEFAULT_VQA_MODEL,
+    Box,
+)
 
-DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
-DEFAULT_DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
-DEFAULT_CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-DEFAULT_DINO_MODEL = "facebook/dinov2-base"
 # The reference BLIP-VQA tokenizes questions with truncation at 35 tokens.
 VQA_QUESTION_MAX_LENGTH = 35
 
