@@ -5,7 +5,10 @@ Library entry points (the CLI `eclipse-prior shapes ...` is a thin wrapper):
 - ``sample_scene(rng, category, holdout=None, only_holdout=False)`` and ``render(scene, size=64)``;
 - ``caption(scene, rng)`` (a random paraphrase) and ``parse_caption(text)`` -> ``Composition``;
 - ``load_holdout(path_or_None)`` / ``DEFAULT_HOLDOUT``;
-- ``generate_examples``, ``write_image_folder``, ``write_webdataset``.
+- ``generate_examples``, ``write_image_folder``, ``write_webdataset``;
+- ``clip_train.build_clip(out_dir)`` (~35 min on the shared 2-core CPU) and ``judge.build_judge(out_dir)``
+  (~32 min) rebuild the shipped ``weights/clip`` and ``weights/judge``; ``judge.load_judge()`` and
+  ``judge.judge_scores(images, scenes)`` score images the way T2I-CompBench does.
 """
 
 from eclipse_prior.shapes.captions import (
