@@ -78,15 +78,42 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, yaml_path
             if value is not None:
                 values[name] = value
     hints = typing.get_type_hints(cls)
-    for name, value in list(values.items()):
-        tp = _unwrap_optional(hints[name])
-        if typing.get_origin(tp) in (list, tuple) and isinstance(value, tuple | list):
-            values[name] = list(value) if typing.get_origin(tp) is list else tuple(value)
-        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+    return cls(**{name: _check_value(name, value, hints[name]) for name, value in values.items()})
+
+
+def _check_value(name: str, value: Any, annotation: Any) -> Any:
+    """Coerce a YAML/flag value to the field's type, or raise a one-line ConfigError naming the field."""
+    if value is None and _unwrap_optional(annotation) is not annotation:
+        return None
+    tp = _unwrap_optional(annotation)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
             raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
-    return cls(**values)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)[:1]
+        items = [_check_value(name, v, item_type) for v in value]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
