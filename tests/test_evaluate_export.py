@@ -166,3 +166,95 @@ def test_export_ema_and_raw_weights_with_model_card(run_dir, store, tmp_path, ca
         export_run(run_dir, tmp_path / "other")
     with pytest.raises(ConfigError, match="not a training run"):
         export_run(tmp_path / "other", tmp_path / "x")
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise AssertionError(f"bare {token} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_evaluate_validates_the_store(run_dir, tmp_path, capsys):
+    """NaN and a checksum mismatch are one-line errors (they were scored as nan / silently)."""
+    bad = make_store(tmp_path / "nan", n=40)
+    shard = bad / "shard-00000" / "image_embeds.npy"
+    arr = np.load(shard)
+    arr[3, 1] = np.nan
+    np.save(shard, arr)
+    base = ["evaluate", str(run_dir), "--data", str(bad), "--split", "all"]
+    _one_line_error(capsys, base, "NaN", "shard-00000")
+    # skipping verification still refuses NaN in the rows it reads
+    _one_line_error(capsys, [*base, "--no-verify-store"], "NaN")
+    arr[3, 1] = 0.5
+    np.save(shard, arr)  # finite again, but no longer the bytes the manifest's checksum describes
+    _one_line_error(capsys, base, "checksum", "shard-00000")
+    assert main([*base, "--no-verify-store"]) == 0
+    capsys.readouterr()
+
+
+def test_evaluate_numeric_arguments_are_one_line_errors(run_dir, store, capsys):
+    base = ["evaluate", str(run_dir), "--data", str(store)]
+    _one_line_error(capsys, [*base, "--batch-size", "0"], "--batch-size", ">= 1")
+    _one_line_error(capsys, [*base, "--max-samples", "0"], "--max-samples")
+    _one_line_error(capsys, [*base, "--steps", "-1"], "--steps")
+    with pytest.raises(ConfigError, match="batch_size"):
+        evaluate_prior(load_prior(run_dir), store, batch_size=0)
+
+
+def test_tiny_split_reports_null_with_reason_and_strict_json(run_dir, store, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    argv = ["evaluate", str(run_dir), "--data", str(store), "--max-samples", "3", "--json", str(report)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "R@5 needs at least 5 rows" in captured.out and "only 3 rows" in captured.err
+    data = _strict(report.read_text())
+    assert data["metrics"]["retrieval_r5"] is None and data["metrics"]["num_samples"] == 3
+    assert "retrieval_r5" in data["undefined"]
+    _one_line_error(capsys, [*argv[:-2], "--max-samples", "1"], "at least 2")
+    # all rows share one caption: no unrelated pair -> null, never NaN
+    ids = np.zeros(6, dtype=np.int64)
+    got = embedding_metrics(torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 4), ids)
+    assert got["cos_pred_unrelated"] is None
+    with pytest.raises(StoreError, match="at least 2"):
+        embedding_metrics(torch.randn(1, 4), torch.randn(1, 4), torch.randn(1, 4), ids[:1])
+
+
+def test_evaluate_notes_a_normalised_store(run_dir, tmp_path, capsys):
+    normalized = make_store(tmp_path / "normalized", n=30, normalized=True)
+    assert main(["evaluate", str(run_dir), "--data", str(normalized), "--split", "all"]) == 0
+    assert "L2-normalised" in capsys.readouterr().err
+
+
+def test_export_config_is_the_released_one(run_dir, tmp_path):
+    """`_class_name: PriorTransformer`, no `_name_or_path`, exactly the released fields; still loads as ours."""
+    from test_models import RELEASED_KANDINSKY_CONFIG
+
+    out = export_run(run_dir, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert set(config) == set(RELEASED_KANDINSKY_CONFIG)
+    assert config["_class_name"] == "PriorTransformer"
+    sized = {"embedding_dim", "num_embeddings", "num_layers", "num_attention_heads", "attention_head_dim",
+             "_diffusers_version"}
+    assert {k: v for k, v in config.items() if k not in sized} == {
+        k: v for k, v in RELEASED_KANDINSKY_CONFIG.items() if k not in sized
+    }
+    assert type(load_prior(out)) is EclipsePrior
+    assert type(EclipsePrior.from_pretrained(out)) is EclipsePrior
+    # a DiffusionPrior is not the released format: it keeps its own class name
+    from eclipse_prior.models import DiffusionPrior
+
+    DiffusionPrior.from_preset("tiny", pooled_only=True).save_pretrained(tmp_path / "drun" / "prior")
+    dout = export_run(tmp_path / "drun", tmp_path / "dexport")
+    dconfig = json.loads((dout / "config.json").read_text())
+    assert dconfig["_class_name"] == "DiffusionPrior" and "_name_or_path" not in dconfig
+    assert type(load_prior(dout)) is DiffusionPrior

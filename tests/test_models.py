@@ -323,3 +323,30 @@ def test_training_prediction_uses_given_noise_timesteps_and_drop():
     drawn = diffusion.training_prediction(image, text, states, mask, generator=torch.Generator().manual_seed(7))
     given = diffusion.training_prediction(image, text, states, mask, noise=eps, timesteps=t, drop=drop)
     torch.testing.assert_close(drawn, given, rtol=0, atol=0)
+
+
+def test_diffusion_prior_without_needed_text_states_is_a_config_error():
+    """Like EclipsePrior: a one-line ConfigError, not an AttributeError from inside the conditioning."""
+    diffusion = DiffusionPrior.from_preset("tiny").eval()
+    text = torch.randn(2, diffusion.config.embedding_dim)
+    with pytest.raises(ConfigError, match="per-token text states"):
+        diffusion.generate_embeds(text, num_inference_steps=2)
+    with pytest.raises(ConfigError, match="per-token text states"):
+        diffusion.training_prediction(torch.randn_like(text), text)
+
+
+@pytest.mark.parametrize("cls", [EclipsePrior, DiffusionPrior])
+def test_pooled_text_width_is_checked_against_the_prior(cls):
+    model = cls.from_preset("tiny", pooled_only=True).eval()
+    width = model.config.embedding_dim
+    with pytest.raises(ConfigError, match=f"width {width + 16}.*width {width}"):
+        model.generate_embeds(torch.randn(2, width + 16), num_inference_steps=2)
+
+
+def test_load_prior_typo_without_slash_fails_at_once(tmp_path, monkeypatch):
+    """A missing local name that is not "owner/name" is never sent to the hub (which retried for a minute)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError, match="run_typo.*does not exist and is not a hub id") as err:
+        load_prior("run_typo")
+    assert "\n" not in str(err.value)

@@ -264,3 +264,42 @@ def test_one_line_errors(store, tmp_path, capsys):
     (bad / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "num_rows": 0}))
     _fails(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "l")], "empty")
     _fails(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--no-verify-store"], "empty")
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token):
+        raise AssertionError(f"bare {token} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_resume_reuses_the_runs_saved_config(store, tmp_path, capsys):
+    """`train --out RUN --resume --steps N` continues RUN with the settings it was started with."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(store), "--out", str(out), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "4", "--lam", "0.3", "--report-to", "none", "--val-every", "0"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    capsys.readouterr()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["steps"], saved["preset"], saved["batch_size"], saved["lam"]) == (3, "tiny", 4, 0.3)
+    assert [r["step"] for r in _strict_json_lines(out / "metrics.jsonl") if "loss" in r][-1] == 3
+    # a fixed setting changed by a flag is still refused, naming the saved value
+    _fails(capsys, ["train", "--out", str(out), "--resume", "--batch-size", "8"], "batch_size", "4 -> 8")
+
+
+def test_validation_uses_val_steps_and_guidance_and_writes_strict_json(store, tmp_path, capsys):
+    run = train(tiny_cfg(store, tmp_path / "d", objective="diffusion", steps=2, val_every=2, val_steps=2,
+                         val_guidance=1.5, val_max_samples=3))
+    assert "only 3 rows" in capsys.readouterr().err  # a tiny val split is announced
+    val = [r for r in _strict_json_lines(run / "metrics.jsonl") if r.get("split") == "val"][-1]
+    from eclipse_prior.evaluation import evaluate_prior
+
+    direct = evaluate_prior(load_prior(run), store, num_inference_steps=2, guidance_scale=1.5, max_samples=3)
+    assert val["cos_pred_image"] == pytest.approx(direct["cos_pred_image"], abs=1e-6)
+    assert val["retrieval_r5"] is None  # undefined with 3 rows (was trivially 1.0)
+    other = evaluate_prior(load_prior(run), store, num_inference_steps=2, guidance_scale=4.0, max_samples=3)
+    assert other["cos_pred_image"] != pytest.approx(direct["cos_pred_image"], abs=1e-6)
+    # one val row: validation is skipped with a note instead of trivial metrics
+    run1 = train(tiny_cfg(store, tmp_path / "e", steps=1, val_every=1, val_max_samples=1))
+    assert "validation skipped" in capsys.readouterr().err
+    assert not [r for r in _strict_json_lines(run1 / "metrics.jsonl") if r.get("split") == "val"]

@@ -86,7 +86,7 @@ def model_card(run_dir: Path, use_ema: bool, prior: Any) -> str:
     else:
         lines += [f"At step {val['step']} on the store's val split:", "", "| metric | value |", "|---|---|"]
         lines += [
-            f"| {METRIC_DESCRIPTIONS.get(k, k)} | {v:.4f} |"
+            f"| {METRIC_DESCRIPTIONS.get(k, k)} | {'n/a' if v is None else f'{v:.4f}'} |"
             for k, v in val.items()
             if k not in ("step", "split")
         ]
@@ -94,6 +94,18 @@ def model_card(run_dir: Path, use_ema: bool, prior: Any) -> str:
     if run.get("resolved_command"):
         lines += ["Equivalent command from the resolved config:", "", "```", run["resolved_command"], "```", ""]
     return "\n".join(lines)
+
+
+def _released_config(path: Path, prior: Any) -> None:
+    """Match the released ECLIPSE config.json: `_class_name` "PriorTransformer" (what diffusers tools dispatch on;
+    `load_prior` maps it back to EclipsePrior) and no `_name_or_path` (it would leak a local path).
+    A DiffusionPrior export is not the released format and keeps its own class name.
+    """
+    config = json.loads(path.read_text())
+    config.pop("_name_or_path", None)
+    if type(prior).__name__ == "EclipsePrior":
+        config["_class_name"] = "PriorTransformer"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
@@ -116,6 +128,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     prior.save_pretrained(tmp, safe_serialization=True)
+    _released_config(tmp / "config.json", prior)
     (tmp / "README.md").write_text(model_card(run_dir, use_ema, prior))
     if out_dir.exists():
         os.replace(out_dir, old)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -20,26 +20,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, help="score only the first N rows of the split")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+    p.add_argument(
+        "--no-verify-store",
+        dest="verify_store",
+        action="store_false",
+        help="skip the store's checksum/finiteness check (rows read are still checked for NaN/Inf)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from eclipse_prior.evaluation.embedding_metrics import evaluate_prior, format_metrics
+    from eclipse_prior.data.store import EmbeddingStore
+    from eclipse_prior.errors import ConfigError
+    from eclipse_prior.evaluation.embedding_metrics import (
+        UNDEFINED_REASONS,
+        dumps_json,
+        evaluate_prior,
+        format_metrics,
+        split_size_warning,
+    )
     from eclipse_prior.models import load_prior
 
+    for name in ("batch_size", "steps", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    store = EmbeddingStore(args.data)
     prior = load_prior(args.prior, local_files_only=True if args.local_files_only else None)
     metrics = evaluate_prior(
         prior,
-        args.data,
+        store,
         split=args.split,
         batch_size=args.batch_size,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
         max_samples=args.max_samples,
+        verify_store=args.verify_store,
     )
     print(f"{args.prior} on {args.data} [{args.split}]")
     print(format_metrics(metrics))
+    notes = []
+    if (warning := split_size_warning(int(metrics["num_samples"] or 0), args.split)) is not None:
+        notes.append(warning)
+    if store.normalized:
+        notes.append(
+            "note: this store holds L2-normalised embeddings; unCLIP decoders expect raw ones, so the squared L2 "
+            "column does not reflect what a decoder would see"
+        )
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.json:
         report = {
             "prior": args.prior,
@@ -50,10 +80,12 @@ def run(args: argparse.Namespace) -> int:
             "guidance_scale": args.guidance,
             "seed": args.seed,
             "metrics": metrics,
+            "undefined": {k: UNDEFINED_REASONS.get(k, "undefined") for k, v in metrics.items() if v is None},
+            "notes": notes,
         }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.write_text(dumps_json(report, indent=2) + "\n")
         os.replace(tmp, path)
     return 0

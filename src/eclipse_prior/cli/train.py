@@ -6,6 +6,9 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
+
+import yaml
 
 from eclipse_prior.config import add_dataclass_arguments, build_config
 from eclipse_prior.training.config import TrainConfig
@@ -23,10 +26,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config < flags; with --resume of a run that has config.yaml: saved run < --config < flags.
+
+    So `train --out RUN --resume [--steps N]` continues RUN without repeating the flags it was started with.
+    """
+    from_file = build_config(TrainConfig, None, args.config) if args.config else None
+    resume = args.resume if args.resume is not None else bool(from_file and from_file.resume)
+    out = args.out or (from_file.out if from_file else "")
+    saved = Path(out) / "config.yaml" if out else None
+    if not (resume and saved is not None and saved.is_file()):
+        return build_config(TrainConfig, args, args.config)
+    layered = argparse.Namespace(**vars(args))
+    if args.config:  # the --config file's own fields sit between the saved run and the flags
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        for name, value in loaded.items():
+            if getattr(layered, name, None) is None:
+                setattr(layered, name, value)
+    layered.resume = True
+    return build_config(TrainConfig, layered, saved)
+
+
 def run(args: argparse.Namespace) -> int:
     from eclipse_prior.training.trainer import train
 
-    cfg = build_config(TrainConfig, args, args.config)
+    cfg = resolve_config(args)
     # The exact command line when launched as a program; library callers get the resolved equivalent.
     command = shlex.join(["eclipse-prior", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
     run_dir = train(cfg, command=command)

@@ -8,11 +8,8 @@ transformers (safetensors preferred), never with ``trust_remote_code``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from eclipse_prior.encoders._hf import hub_resolves, offline_default, quiet_transformers
 from eclipse_prior.errors import ModelNotFoundError
 
 SUBFOLDERS = {
@@ -116,22 +114,6 @@ class ClipBundle:
         return self.encode_pixels(self.preprocess_images(images))
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Loading one tower from a full CLIPModel checkpoint reports the other tower's keys as unexpected: hide it."""
-    from transformers.utils import logging as tlog
-
-    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
-
-
 def _is_local(id_or_path: str) -> bool:
     return os.path.isdir(id_or_path) or id_or_path.startswith((".", "/", "~"))
 
@@ -142,18 +124,6 @@ def _not_found(id_or_path: str, why: str) -> ModelNotFoundError:
         "a CLIPModel saved with save_pretrained plus tokenizer and image processor, or a Kandinsky prior folder "
         "with text_encoder/ tokenizer/ image_encoder/ image_processor/"
     )
-
-
-def _hub_resolves() -> bool:
-    """Whether the hub's host name resolves: without DNS, huggingface_hub would retry for about a minute."""
-    from huggingface_hub import constants
-
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
 
 
 def _hub_layout(repo_id: str, local_files_only: bool) -> tuple[bool, bool]:
@@ -174,7 +144,7 @@ def _hub_layout(repo_id: str, local_files_only: bool) -> tuple[bool, bool]:
             continue
     if local_files_only:
         raise _not_found(repo_id, "not in the local cache and offline")
-    if not _hub_resolves():
+    if not hub_resolves():
         raise _not_found(repo_id, "the model hub is unreachable and the model is not cached")
     level = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # no retry chatter: the outcome is reported as one line
@@ -229,7 +199,7 @@ def load_clip(
         if not os.path.isdir(name):
             raise _not_found(name, "no such folder")
     if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+        local_files_only = offline_default()
     if local:
         subfolders = (Path(name) / SUBFOLDERS["text"] / "config.json").is_file()
     else:
@@ -240,7 +210,7 @@ def load_clip(
         return {"subfolder": SUBFOLDERS[part]} if subfolders else {}
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if subfolders:
                 text_cfg = CLIPTextConfig.from_pretrained(name, **sub("text"), **kw)
                 vision_cfg = CLIPVisionConfig.from_pretrained(name, **sub("vision"), **kw) if vision else None

@@ -9,6 +9,8 @@ norm: summed over the width, averaged over rows.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eclipse_prior.errors import StoreError
+from eclipse_prior.errors import ConfigError, StoreError
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "cos_pred_image": "cos(predicted, true image)",
@@ -28,6 +30,40 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "mse": "squared L2 |pred - true|^2 (sum over width)",
     "num_samples": "rows scored",
 }
+
+# Why a metric is None (null in JSON) instead of a number.
+UNDEFINED_REASONS: dict[str, str] = {
+    "retrieval_r5": "R@5 needs at least 5 rows (with fewer it is trivially 1)",
+    "cos_pred_unrelated": "no two rows with different captions",
+}
+# Below this many rows the metrics are noisy; evaluate and train's validation say so.
+FEW_ROWS_WARNING = 50
+
+
+def split_size_warning(n: int, split: str) -> str | None:
+    """A one-line warning when a split is too small for the metrics to mean much, else None."""
+    if n >= FEW_ROWS_WARNING:
+        return None
+    return (
+        f"warning: split {split!r} has only {n} rows (< {FEW_ROWS_WARNING}); the metrics are noisy "
+        "(re-embed with a larger --val-fraction, or evaluate --split all)"
+    )
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN/Inf float replaced by None, so json.dumps(allow_nan=False) writes valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (null, never the bare NaN token that jq and JavaScript reject)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 def _open(store: Any) -> Any:
@@ -89,10 +125,16 @@ def _check_compatible(prior: Any, store: Any, name: str) -> None:
 
 def embedding_metrics(
     pred: torch.Tensor, image: torch.Tensor, text: torch.Tensor, caption_ids: np.ndarray, chunk: int = 1024
-) -> dict[str, float]:
-    """All metrics from predictions, true image and text embeddings (N, E) and caption ids (N,)."""
+) -> dict[str, float | None]:
+    """All metrics from predictions, true image and text embeddings (N, E) and caption ids (N,).
+
+    Needs N >= 2 (one row makes retrieval trivially perfect). A metric that is undefined for this split is None;
+    UNDEFINED_REASONS says why.
+    """
     pred, image, text = pred.double(), image.double(), text.double()
     n = pred.shape[0]
+    if n < 2:
+        raise StoreError(f"embedding metrics need at least 2 rows, got {n} (retrieval among 1 row is trivial)")
     ids = torch.as_tensor(np.asarray(caption_ids, dtype=np.int64))
     rolled = torch.roll(torch.arange(n), -1)
     unrelated = ids != ids[rolled]
@@ -110,9 +152,9 @@ def embedding_metrics(
         "cos_pred_image": F.cosine_similarity(pred, image, dim=-1).mean().item(),
         "cos_pred_text": F.cosine_similarity(pred, text, dim=-1).mean().item(),
         "cos_text_image": F.cosine_similarity(text, image, dim=-1).mean().item(),
-        "cos_pred_unrelated": cos_unrelated.mean().item() if len(cos_unrelated) else float("nan"),
+        "cos_pred_unrelated": cos_unrelated.mean().item() if len(cos_unrelated) else None,
         "retrieval_r1": hits1 / n,
-        "retrieval_r5": hits5 / n,
+        "retrieval_r5": hits5 / n if n >= 5 else None,
         "mse": (pred - image).pow(2).sum(dim=-1).mean().item(),
         "num_samples": float(n),
     }
@@ -127,35 +169,59 @@ def evaluate_prior(
     guidance_scale: float = 4.0,
     seed: int = 0,
     max_samples: int | None = None,
-) -> dict[str, float]:
+    verify_store: bool = True,
+) -> dict[str, float | None]:
     """Score a prior (any of the three objectives) on a store split; `store` is an EmbeddingStore or its path.
 
     `max_samples` keeps the first rows of the split (validation during training caps its cost this way).
     Diffusion priors sample with `num_inference_steps` and `guidance_scale`; ECLIPSE ignores both.
+    `verify_store` checks shard checksums and finiteness first (as train does); rows read are always checked
+    for NaN/Inf, so a corrupt store is a StoreError rather than a "nan" metric.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples must be >= 1, got {max_samples}")
+    if num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     name = str(getattr(store, "path", store))
     store = _open(store)
+    if verify_store:
+        store.validate()
     _check_compatible(prior, store, name)
     indices = np.asarray(store.split_indices(split))
     if max_samples is not None:
         indices = indices[:max_samples]
     if len(indices) == 0:
         raise StoreError(f"store {name} has no rows in split {split!r}")
+    if len(indices) < 2:
+        raise StoreError(
+            f"store {name} has only {len(indices)} row in split {split!r}; the metrics need at least 2 "
+            "(use --split all, or re-embed with a larger --val-fraction)"
+        )
     pred = predict_split(prior, store, indices, batch_size, num_inference_steps, guidance_scale, seed)
     image, text = [], []
     for start in range(0, len(indices), batch_size):
         batch = store.get_batch(indices[start : start + batch_size])
+        for key in ("image_embeds", "text_embeds"):
+            if not np.isfinite(batch[key]).all():
+                raise StoreError(f"store {name}: {key} contains NaN or Inf in split {split!r}")
         image.append(torch.from_numpy(batch["image_embeds"]))
         text.append(torch.from_numpy(batch["text_embeds"]))
     return embedding_metrics(pred, torch.cat(image), torch.cat(text), store.caption_ids(indices))
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """A two-column text table of the metrics, in a fixed order, for the terminal."""
-    rows = [(METRIC_DESCRIPTIONS.get(k, k), v) for k, v in metrics.items()]
-    width = max(len(r[0]) for r in rows)
+def format_metrics(metrics: dict[str, float | None]) -> str:
+    """A two-column text table of the metrics, in a fixed order, for the terminal; n/a says why."""
+    rows = [(k, METRIC_DESCRIPTIONS.get(k, k), v) for k, v in metrics.items()]
+    width = max(len(r[1]) for r in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
-    for label, value in rows:
-        shown = f"{int(value)}" if label == METRIC_DESCRIPTIONS["num_samples"] else f"{value:.4f}"
+    for key, label, value in rows:
+        if value is None or not math.isfinite(value):
+            shown = f"n/a ({UNDEFINED_REASONS.get(key, 'undefined')})"
+        elif key == "num_samples":
+            shown = f"{int(value)}"
+        else:
+            shown = f"{value:.4f}"
         lines.append(f"{label.ljust(width)}  {shown}")
     return "\n".join(lines)

@@ -14,9 +14,8 @@ local folder.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eclipse_prior.encoders._hf import offline_default, quiet_transformers
 from eclipse_prior.errors import ModelNotFoundError
 from eclipse_prior.evaluation.compbench import (  # noqa: F401  (re-exported: the scorers' default ids)
     DEFAULT_CLIPSCORE_MODEL,
@@ -41,26 +41,6 @@ VQA_QUESTION_MAX_LENGTH = 35
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Loading prints per-model progress bars and a PIL-fallback warning without torchvision: expected, hide them."""
-    from transformers.utils import logging as tlog
-
-    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
-
-
-def _offline_default() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _load(kind: str, flag: str, id_or_path: str, loader: Callable[[str, dict[str, Any]], T]) -> tuple[T, str]:
     """Run ``loader(name, from_pretrained_kwargs)``; turn every way of not finding the model into one line."""
     name = os.path.expanduser(str(id_or_path))
@@ -68,9 +48,9 @@ def _load(kind: str, flag: str, id_or_path: str, loader: Callable[[str, dict[str
     hint = f"pass a local folder with {flag}"
     if local and not os.path.isdir(name):
         raise ModelNotFoundError(f"cannot load {kind} model {name!r} (no such folder); {hint}")
-    kw: dict[str, Any] = {"local_files_only": _offline_default()}
+    kw: dict[str, Any] = {"local_files_only": offline_default()}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             obj = loader(name, kw)
     except (OSError, ValueError, KeyError) as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -132,6 +132,8 @@ class DiffusionPrior(PriorNetworkMixin, ConfigMixin):
         drop: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Replace rows where `drop` is True by the null condition (zeros, every text token masked)."""
+        if self.uses_text_states and text_states is None:
+            raise ConfigError("this prior needs per-token text states (store built with --text-states)")
         text_embeds = text_embeds.masked_fill(drop[:, None], 0.0)
         if not self.uses_text_states:
             return text_embeds, None, None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_default, quiet_transformers
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.models.diffusion import DiffusionPrior
 from eclipse_prior.models.eclipse import EclipsePrior
@@ -55,7 +56,8 @@ def _hub_config(repo_id: str, local_files_only: bool | None) -> tuple[dict[str, 
     kwargs: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
     for subfolder in (None, "prior"):
         try:
-            return EclipsePrior.load_config(repo_id, subfolder=subfolder, **kwargs), subfolder
+            with quiet_transformers():
+                return EclipsePrior.load_config(repo_id, subfolder=subfolder, **kwargs), subfolder
         except (OSError, ValueError):
             continue
     raise ModelNotFoundError(
@@ -83,9 +85,15 @@ def load_prior(
         folder = _local_folder(path)
         config = json.loads((folder / "config.json").read_text())
         target: str | Path = folder
-    elif path.exists() or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
-        raise ModelNotFoundError(f"prior folder {source!r} does not exist; pass a run dir, an export folder or a hub id")
+    elif path.exists() or not looks_like_hub_id(source):
+        raise ModelNotFoundError(
+            f"prior folder {source!r} does not exist and is not a hub id (owner/name); pass a run dir, an export "
+            "folder or a hub id"
+        )
     else:
+        if local_files_only is None:
+            # cache only when offline or when the hub's host does not resolve: no minute of retries
+            local_files_only = True if offline_default() or not hub_resolves() else None
         config, subfolder = _hub_config(source, local_files_only)
         target = source
         if subfolder:

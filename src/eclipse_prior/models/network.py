@@ -148,6 +148,11 @@ class PriorNetworkMixin(ModelMixin):
         """
         batch_size = hidden_states.shape[0]
         num_embeddings = self.config.num_embeddings
+        if proj_embedding.shape[-1] != self.config.embedding_dim:
+            raise ConfigError(
+                f"pooled text embeddings have width {proj_embedding.shape[-1]} but the prior has width "
+                f"{self.config.embedding_dim}"
+            )
         if self.encoder_hidden_states_proj is None:
             if encoder_hidden_states is not None:
                 raise ConfigError("this prior is pooled-only (num_embeddings=0) and takes no per-token text states")

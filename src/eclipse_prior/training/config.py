@@ -64,6 +64,12 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_h("how many recent checkpoints to keep"))
     val_every: int = field(default=1000, metadata=_h("steps between validations on the store's val split (0: off)"))
     val_max_samples: int = field(default=2048, metadata=_h("cap on val rows scored per validation"))
+    val_steps: int = field(
+        default=25, metadata=_h("diffusion prior sampling steps in validation (ECLIPSE ignores it; paper: 25)")
+    )
+    val_guidance: float = field(
+        default=4.0, metadata=_h("diffusion prior guidance scale in validation (ECLIPSE ignores it; paper: 4.0)")
+    )
     log_every: int = field(default=50, metadata=_h("steps between loss log lines"))
     seed: int = field(default=0, metadata=_h("seed of weights, data order and noise"))
     pooled_only: bool = field(
@@ -95,6 +101,7 @@ class TrainConfig:
             "keep_checkpoints": self.keep_checkpoints,
             "log_every": self.log_every,
             "val_max_samples": self.val_max_samples,
+            "val_steps": self.val_steps,
         }
         for name, value in positive.items():
             if value < 1:

@@ -433,6 +433,8 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             _truncate_metrics(metrics_path, start_step)
             if cfg.report_to != "none":
                 accelerator.init_trackers("eclipse-prior", config=_flat_hparams(cfg))
+            if cfg.val_every:
+                _announce_validation(store, cfg)
         accelerator.wait_for_everyone()
 
         order = DataOrder(train_rows, cfg.seed)
@@ -549,8 +551,26 @@ def _gather_with_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    from eclipse_prior.evaluation.embedding_metrics import dumps_json
+
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(dumps_json(row) + "\n")
+
+
+def _val_rows(store: Any, cfg: TrainConfig) -> int:
+    return min(len(store.split_indices("val")), cfg.val_max_samples)
+
+
+def _announce_validation(store: Any, cfg: TrainConfig) -> None:
+    """Say once, before training, when validation is skipped (< 2 rows) or its metrics will be noisy."""
+    from eclipse_prior.evaluation.embedding_metrics import split_size_warning
+
+    n = _val_rows(store, cfg)
+    if n < 2:
+        print(f"note: validation skipped: the store's val split has {n} row(s), the metrics need at least 2 "
+              "(re-embed with a larger --val-fraction)", file=sys.stderr)
+    elif (warning := split_size_warning(n, "val")) is not None:
+        print(warning, file=sys.stderr)
 
 
 def _validate(
@@ -559,12 +579,21 @@ def _validate(
     """Embedding metrics of the EMA weights (what prior/ and exports hold) on the store's val split."""
     from eclipse_prior.evaluation.embedding_metrics import evaluate_prior
 
-    if len(store.split_indices("val")) == 0:
+    if _val_rows(store, cfg) < 2:
         return
-    metrics = evaluate_prior(ema_model, store, split="val", seed=cfg.seed, max_samples=cfg.val_max_samples)
+    metrics = evaluate_prior(
+        ema_model,
+        store,
+        split="val",
+        seed=cfg.seed,
+        max_samples=cfg.val_max_samples,
+        num_inference_steps=cfg.val_steps,
+        guidance_scale=cfg.val_guidance,
+        verify_store=False,  # checked once when the store was opened (unless --no-verify-store)
+    )
     _append_jsonl(metrics_path, {"step": step, "split": "val", **metrics})
     if cfg.report_to != "none":
-        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items() if v is not None}, step=step)
 
 
 def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
