@@ -132,10 +132,11 @@ def test_webdataset_tars_list_file_pipe_and_broken_members(tmp_path, bundle):
     _write_tar(tmp_path / "part-00002.tar", [("200000000", {"png": _png(20), "txt": b"a yellow heart"})])
     listing = tmp_path / "shards.txt"
     listing.write_text(f"{tmp_path}/part-{{00000..00001}}.tar\npipe:cat {tmp_path}/part-00002.tar\n")
-    src = open_source(listing)
+    src = open_source(listing, allow_pipe_in_list=True)
     assert src.kind == "webdataset" and len(src.units()) == 3
     store = EmbeddingStore(
-        embed(listing, bundle, tmp_path / "store", dtype="fp16", num_workers=2, progress=False)
+        embed(listing, bundle, tmp_path / "store", dtype="fp16", num_workers=2, progress=False,
+              allow_pipe_in_list=True)
     )
     store.validate()
     s = store.manifest["summary"]
@@ -258,6 +259,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_clip_dir):
         "--num-workers",
         "2",
         "--no-progress",
+        "--allow-pipe-in-list",  # the listing's pipe: line is this test's own stalled download
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
@@ -309,3 +311,49 @@ def test_settings_change_on_resume_and_missing_clip_are_one_line_errors(
     assert "different settings" in err and "dtype" in err
     assert cli_main(["embed", str(tmp_path / "nothing"), "--clip", str(tiny_clip_dir), "--out", out]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_pipe_lines_in_a_list_file_are_refused_unless_allowed(tmp_path, tiny_clip_dir, capsys):
+    """A list file's pipe: line would run a shell command during embed: refused (nothing runs) without the flag."""
+    _write_tar(tmp_path / "part-00000.tar", [("000000000", {"png": _png(0), "txt": b"a red square"})])
+    marker = tmp_path / "ran"
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# from a downloaded dataset\npipe:touch {marker}; cat {tmp_path}/part-00000.tar\n")
+    argv = ["embed", str(listing), "--clip", str(tiny_clip_dir), "--num-workers", "0", "--no-progress"]
+    assert cli_main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "line 2" in err and "--allow-pipe-in-list" in err, err
+    assert not marker.exists() and not (tmp_path / "refused" / "manifest.json").exists()
+    assert cli_main([*argv, "--out", str(tmp_path / "allowed"), "--allow-pipe-in-list"]) == 0
+    assert marker.exists() and len(EmbeddingStore(tmp_path / "allowed")) == 1
+    # a pipe: given as SOURCE itself is the user's own command and stays allowed
+    direct = open_source(f"pipe:cat {tmp_path}/part-00000.tar")
+    assert direct.kind == "webdataset" and len(direct.units()) == 1
+
+
+def test_malformed_captions_lines_are_skipped_and_counted(tmp_path, image_folder, bundle, capsys):
+    """A broken captions.jsonl line (or a short CSV row) is one skipped row with a reason, never a traceback."""
+    lines = (image_folder / "captions.jsonl").read_text().splitlines()
+    lines[1:1] = ["{broken json", "[1, 2]"]
+    (image_folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    logged: list[str] = []
+    store = EmbeddingStore(embed(image_folder, bundle, tmp_path / "a", dtype="fp32", num_workers=0,
+                                 progress=False, log=logged.append))
+    s = store.manifest["summary"]
+    assert s["skipped"] == {"bad_caption_line": 2} and s["seen"] == 8 and len(store) == 6
+    assert any("malformed" in x and "line 2, 3" in x and "captions.jsonl" in x for x in logged), logged
+    assert store.captions([0, 1]) == [json.loads(lines[0])["caption"], json.loads(lines[3])["caption"]]
+
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    rows = [json.loads(x) for x in lines if x.startswith('{"')]
+    for r in rows:
+        (csv_dir / r["file"]).write_bytes((image_folder / r["file"]).read_bytes())
+    body = [f'{r["file"]},"{r["caption"]}"' for r in rows]
+    body[2:2] = ["img_000.jpg", 'img_001.png,"a cat",extra']  # a short row and a long row
+    (csv_dir / "captions.csv").write_text("\n".join(["image,caption", *body]) + "\n")
+    logged.clear()
+    csv_store = EmbeddingStore(embed(csv_dir, bundle, tmp_path / "b", dtype="fp32", num_workers=0,
+                                     progress=False, log=logged.append))
+    assert csv_store.manifest["summary"]["skipped"] == {"bad_caption_line": 2} and len(csv_store) == 6
+    assert any("line 4, 5" in x and "captions.csv" in x for x in logged), logged

@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--encoder-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="CLIP compute dtype"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-pipe-in-list",
+        action="store_true",
+        help="let pipe: lines inside a list-file SOURCE run as shell commands (refused by default: a list file "
+        "shipped with a dataset could run anything; a pipe: given as SOURCE itself is always allowed)",
+    )
     p.set_defaults(func=run)
 
 
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_dtype=args.encoder_dtype,
         command=_command(args),
         progress=not args.no_progress,
+        allow_pipe_in_list=args.allow_pipe_in_list,
     )
     return 0
 
@@ -77,4 +84,6 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--text-states")
     if args.encoder_dtype != "fp32":
         parts += ["--encoder-dtype", args.encoder_dtype]
+    if args.allow_pipe_in_list:
+        parts.append("--allow-pipe-in-list")
     return shlex.join(parts)

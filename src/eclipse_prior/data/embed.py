@@ -83,6 +83,9 @@ class _UnitBatches(IterableDataset):
         seen = 0
         for rec in self.source.records(unit):
             seen += 1
+            if rec.bad:
+                unit.skipped[rec.bad] += 1
+                continue
             if not rec.caption:
                 unit.skipped["empty_caption"] += 1
                 continue
@@ -176,6 +179,7 @@ def embed(
     command: str | None = None,
     progress: bool = True,
     local_files_only: bool | None = None,
+    allow_pipe_in_list: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Embed SOURCE with CLIP into the store ``out`` (resuming it if a previous run was interrupted)."""
@@ -187,10 +191,19 @@ def embed(
         )
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise ConfigError("--batch-size and --shard-size must be positive")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {num_workers}")
     rank, world, auto_device = _distributed()
     dev = torch.device(device) if device else auto_device
     # peek at the source type first: clip-retrieval needs no image tower, and text only for token states
-    probe = open_source(source, shard_size or DEFAULT_SHARD_SIZE)
+    probe = open_source(source, shard_size or DEFAULT_SHARD_SIZE, allow_pipe_in_list=allow_pipe_in_list)
+    bad_lines = getattr(probe, "bad_lines", [])
+    if bad_lines and rank == 0:
+        shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
+        log(f"skipping {len(bad_lines)} malformed line(s) of {probe.captions_file} (line {shown}): "
+            "counted as bad_caption_line")
     need_vision = not probe.precomputed
     need_text = not probe.precomputed or text_states or not getattr(probe, "has_text", True)
     if isinstance(clip, ClipBundle):

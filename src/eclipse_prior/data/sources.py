@@ -40,6 +40,7 @@ class Record:
     caption: str
     source: str
     payload: Any = None
+    bad: str | None = None  # a skip reason: the row could not even be read (e.g. a malformed captions line)
 
 
 @dataclass
@@ -95,6 +96,9 @@ def _pick(row: dict[str, Any], keys: tuple[str, ...], what: str, where: Path) ->
     raise ConfigError(f"{where}: no {what} column (looked for {', '.join(keys)})")
 
 
+BAD_LINE = "\0bad line"  # marks a malformed captions line in ImageFolderSource.items (skipped and counted)
+
+
 class ImageFolderSource(Source):
     """Images with captions from ``captions.jsonl``/``captions.csv`` (file + caption) or a ``.txt`` per image."""
 
@@ -104,15 +108,29 @@ class ImageFolderSource(Source):
         super().__init__(spec)
         self.root = Path(spec)
         self.shard_size = shard_size
+        self.bad_lines: list[int] = []  # line numbers of malformed captions.jsonl/csv lines (skipped, counted)
+        self.captions_file = ""
         self.items = self._list()
 
     def _list(self) -> list[tuple[str, str]]:
+        """(relative file, caption) per row; a malformed captions line keeps its slot as ("", BAD_LINE)."""
         jsonl, csv_path = self.root / "captions.jsonl", self.root / "captions.csv"
+        rows: list[tuple[int, dict[str, Any] | None]] = []  # (line number, row or None when malformed)
         if jsonl.is_file():
-            rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(jsonl.read_text().splitlines(), start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    rows.append((number, row if isinstance(row, dict) else None))
         elif csv_path.is_file():
             with open(csv_path, newline="") as f:
-                rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                for row in reader:
+                    # a short row leaves fields None, a long one puts the excess under the key None
+                    ok = None not in row and all(v is not None for v in row.values())
+                    rows.append((reader.line_num, row if ok else None))
         else:
             images = sorted(
                 p
@@ -124,12 +142,15 @@ class ImageFolderSource(Source):
                 txt = p.with_suffix(".txt")
                 out.append((str(p.relative_to(self.root)), txt.read_text() if txt.is_file() else ""))
             return out
-        if not rows:
-            return []
         where = jsonl if jsonl.is_file() else csv_path
-        fkey = _pick(rows[0], FILE_KEYS, "file", where)
-        ckey = _pick(rows[0], CAPTION_KEYS, "caption", where)
-        return [(str(r.get(fkey, "")), r.get(ckey) or "") for r in rows]
+        self.bad_lines = [number for number, row in rows if row is None]
+        self.captions_file = where.name
+        good = [row for _, row in rows if row is not None]
+        if not good:
+            return [("", BAD_LINE)] * len(rows)
+        fkey = _pick(good[0], FILE_KEYS, "file", where)
+        ckey = _pick(good[0], CAPTION_KEYS, "caption", where)
+        return [(str(r.get(fkey, "")), r.get(ckey) or "") if r is not None else ("", BAD_LINE) for _, r in rows]
 
     def units(self) -> list[Unit]:
         n = len(self.items)
@@ -141,7 +162,10 @@ class ImageFolderSource(Source):
     def records(self, unit: Unit) -> Iterator[Record]:
         (start,) = unit.args
         for rel, caption in self.items[start : start + self.shard_size]:
-            yield Record(rel, _clean(caption), rel, self.root / rel)
+            if caption == BAD_LINE:
+                yield Record("", "", self.captions_file, bad="bad_caption_line")
+            else:
+                yield Record(rel, _clean(caption), rel, self.root / rel)
 
 
 def _tar_label(url: str) -> str:
@@ -154,12 +178,15 @@ class TarSource(Source):
 
     SOURCE may be a tar path, a brace pattern (``data/{00000..00099}.tar``), ``::``-joined patterns, a
     ``pipe:`` command (e.g. ``pipe:aws s3 cp s3://bucket/x.tar -``), a list file with one of those per line, or a
-    folder of ``.tar`` files. Opening goes through webdataset's ``gopen``.
+    folder of ``.tar`` files. Opening goes through webdataset's ``gopen``, which runs ``pipe:`` entries as shell
+    commands. A ``pipe:`` typed as SOURCE is the user's own command; one inside a list file (which may come with a
+    downloaded dataset) would run someone else's, so list files may only hold ``pipe:`` lines when
+    ``allow_pipe_in_list`` (``embed --allow-pipe-in-list``) says so.
     """
 
     kind = "webdataset"
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, allow_pipe_in_list: bool = False) -> None:
         from webdataset.shardlists import expand_urls
 
         super().__init__(spec)
@@ -168,9 +195,16 @@ class TarSource(Source):
             urls = [str(p) for p in sorted(path.glob("*.tar"))]
         elif path.is_file() and path.suffix in LIST_EXTS:
             urls = []
-            for line in path.read_text().splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    urls.extend(expand_urls(line.strip()))
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                entry = line.strip()
+                if not entry or entry.startswith("#"):
+                    continue
+                if entry.startswith("pipe:") and not allow_pipe_in_list:
+                    raise ConfigError(
+                        f"{spec} line {number} is a pipe: shell command; list files may not run commands unless "
+                        "you pass --allow-pipe-in-list (check the file first)"
+                    )
+                urls.extend(expand_urls(entry))
         else:
             urls = expand_urls(spec)
         if not urls:
@@ -308,8 +342,11 @@ class ClipRetrievalSource(Source):
             yield Record(f"{n}/{row}", _clean(captions[i]), urls[i] or f"metadata_{n}.parquet#{row}", vecs)
 
 
-def open_source(spec: str | os.PathLike, shard_size: int = 10_000) -> Source:
-    """Pick the source type from SOURCE: clip-retrieval folder, tar shards (or pattern/list/pipe), image folder."""
+def open_source(spec: str | os.PathLike, shard_size: int = 10_000, allow_pipe_in_list: bool = False) -> Source:
+    """Pick the source type from SOURCE: clip-retrieval folder, tar shards (or pattern/list/pipe), image folder.
+
+    ``allow_pipe_in_list`` lets a list file's ``pipe:`` lines run as shell commands (see TarSource).
+    """
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
@@ -325,7 +362,7 @@ def open_source(spec: str | os.PathLike, shard_size: int = 10_000) -> Source:
             raise ConfigError(f"embed source {spec!r}: no such file")
         return TarSource(spec)
     if path.is_file() and path.suffix in LIST_EXTS:
-        return TarSource(spec)
+        return TarSource(spec, allow_pipe_in_list=allow_pipe_in_list)
     raise ConfigError(
         f"embed source {spec!r} not found or not recognised: give an image folder, a clip-retrieval folder, "
         "tar shards (path, {brace} pattern, list file or pipe: command)"
