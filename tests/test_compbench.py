@@ -161,12 +161,28 @@ def test_complex_mean_of_applicable_parts():
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-def test_bootstrap_interval_contains_mean_and_is_deterministic():
+def _direct_group_bootstrap(values, groups, n_resamples, confidence, seed):
+    """The percentile interval of a cluster bootstrap written out: resample whole groups, pool their values."""
+    labels = np.unique([str(g) for g in groups])
+    members = [np.asarray(values)[[str(g) == label for g in groups]] for label in labels]
+    picks = np.random.default_rng(seed).integers(0, len(labels), size=(n_resamples, len(labels)))
+    means = [np.concatenate([members[i] for i in row]).mean() for row in picks]
+    alpha = (1 - confidence) / 2
+    return np.quantile(means, [alpha, 1 - alpha])
+
+
+def test_bootstrap_interval_is_the_percentile_interval_and_deterministic():
     rng = np.random.default_rng(1)
     values = rng.normal(0.5, 0.1, size=200)
     groups = np.repeat(np.arange(50), 4)
     ci = stats.bootstrap_ci(values, groups, n_resamples=500, seed=3)
-    assert ci.low <= ci.mean <= ci.high and ci.mean == pytest.approx(values.mean())
+    assert (ci.low, ci.high) == pytest.approx(tuple(_direct_group_bootstrap(values, groups, 500, 0.95, 3)))
+    assert ci.mean == pytest.approx(values.mean())
+    # with few resamples the percentile interval can miss the mean; it is reported as is, not stretched
+    few = stats.bootstrap_ci([0.1, 0.2, 0.3, 0.9], n_resamples=5, seed=13)
+    assert (few.low, few.high) == pytest.approx(tuple(_direct_group_bootstrap([0.1, 0.2, 0.3, 0.9], range(4), 5,
+                                                                              0.95, 13)))
+    assert few.mean == pytest.approx(0.375) and few.mean < few.low
     assert ci == stats.bootstrap_ci(values, groups, n_resamples=500, seed=3)
     assert ci != stats.bootstrap_ci(values, groups, n_resamples=500, seed=4)
     # a prompt-level bootstrap is wider than an image-level one when images of a prompt agree

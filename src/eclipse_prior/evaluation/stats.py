@@ -34,6 +34,9 @@ def bootstrap_ci(
 ) -> Interval:
     """Mean of ``values`` with a percentile bootstrap interval; with ``groups``, whole groups are resampled.
 
+    The interval is the plain ``[alpha/2, 1 - alpha/2]`` quantiles of the resampled means, not moved to contain the
+    sample mean.
+
     The statistic of a resample is the mean over all its values (so groups with more images weigh more, exactly as
     the benchmark's mean over images does). Deterministic for a given ``seed``.
     """
@@ -57,7 +60,9 @@ def bootstrap_ci(
     stats = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
-    return Interval(mean=mean, low=float(min(low, mean)), high=float(max(high, mean)), n=int(vals.size))
+    # the raw percentile interval: it may exclude the sample mean (skewed data, few resamples), and saying so is
+    # more honest than stretching it
+    return Interval(mean=mean, low=float(low), high=float(high), n=int(vals.size))
 
 
 def win_rate(scores_a: Sequence[float] | np.ndarray, scores_b: Sequence[float] | np.ndarray) -> float:
