@@ -134,3 +134,67 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*base, "--prompt", "x", "--offload", "model"]) == 2
         assert "needs a CUDA GPU" in _one_line_error(capsys)
+
+
+def test_sidecar_records_weight_digests_and_regeneration_refuses_changed_weights(models, tmp_path, capsys):
+    """A local prior retrained in place would silently give another image: the sidecar's sha256 catches it."""
+    import hashlib
+
+    prior = tmp_path / "prior"
+    shutil.copytree(models["prior"], prior)
+    out = tmp_path / "out"
+    args = ["generate", "--prior", str(prior), *_kandinsky_args(models, out)[3:], "--prompt", "a red square"]
+    assert main(args) == 0
+    sidecar = out / "00000-a-red-square-s0.json"
+    side = json.loads(sidecar.read_text())
+    weights = prior / "diffusion_pytorch_model.safetensors"
+    assert side["models"]["prior"]["weights_sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert set(side["models"]["decoder"]["weights_sha256"]) >= {
+        "unet/diffusion_pytorch_model.safetensors", "movq/diffusion_pytorch_model.safetensors"}  # fmt: skip
+    assert side["models"]["clip"]["weights_sha256"]
+
+    torch.manual_seed(1)  # "training continued": other weights in the same folder
+    EclipsePrior.from_preset("tiny", embedding_dim=32, num_embeddings=77).save_pretrained(prior)
+    capsys.readouterr()
+    regen = ["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "regen")]
+    assert main(regen) == 2
+    err = _one_line_error(capsys)
+    assert "prior" in err and "weights changed" in err and "--allow-changed-weights" in err
+    assert main([*regen, "--allow-changed-weights"]) == 0
+    assert "weights changed" in capsys.readouterr().err
+    assert not np.array_equal(_pixels(tmp_path / "regen" / "00000-a-red-square-s0.png"),
+                              _pixels(out / "00000-a-red-square-s0.png"))
+
+
+def test_sizes_that_are_not_a_decoder_multiple_are_refused(models, tmp_path, capsys):
+    """The tiny decoder rounds 50 up to 52; that image would contradict its sidecar, so 50 is an error."""
+    base = _kandinsky_args(models, tmp_path)
+    args = [*base[: base.index("--height")], "--height", "50", "--width", "32", "--device", "cpu",
+            "--out", str(tmp_path), "--prompt", "x"]  # fmt: skip
+    assert main(args) == 2
+    err = _one_line_error(capsys)
+    assert "--height 50" in err and "multiple of 4" in err
+
+
+def test_arguments_are_checked_before_any_model_is_loaded(tmp_path, capsys):
+    """Models that do not exist are never reached: the bad number is reported first (real models take minutes)."""
+    missing = ["generate", "--prior", str(tmp_path / "no-prior"), "--decoder", str(tmp_path / "no-decoder"),
+               "--prompt", "x", "--out", str(tmp_path)]  # fmt: skip
+    for flag in ("--num-images", "--steps", "--prior-steps", "--height"):
+        assert main([*missing, flag, "0"]) == 2
+        assert f"{flag} must be at least 1" in _one_line_error(capsys)
+    assert main(missing) == 2
+    assert "no-decoder" in _one_line_error(capsys)  # the same command with good numbers does reach the models
+
+
+def test_no_torchvision_fallback_notice(models, tmp_path):
+    """A fresh process (transformers warns once per process) prints no "requires torchvision" notice."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "eclipse_prior", *_kandinsky_args(models, tmp_path), "--prompt", "x"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr, done.stderr

@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--offline", action="store_true", help="use only local folders and the Hugging Face cache")
     p.add_argument("--from-sidecar", metavar="FILE", help="regenerate the image a JSON sidecar describes")
+    p.add_argument(
+        "--allow-changed-weights",
+        action="store_true",
+        help="with --from-sidecar: regenerate even if a local model's weight files changed since (the image "
+        "will differ; default: refuse)",
+    )
     p.set_defaults(func=run)
 
 
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from eclipse_prior.errors import ConfigError
     from eclipse_prior.pipelines.generate import (
         GenerationSettings,
+        check_generation_numbers,
         load_pipeline,
         read_prompts,
         regenerate,
@@ -90,9 +97,19 @@ def run(args: argparse.Namespace) -> int:
     local_only = True if args.offline else None
     if args.from_sidecar:
         device = None if args.device == "auto" else args.device
-        png = regenerate(args.from_sidecar, out=args.out, device=device, local_files_only=local_only)
+        png = regenerate(
+            args.from_sidecar,
+            out=args.out,
+            device=device,
+            local_files_only=local_only,
+            allow_changed_weights=args.allow_changed_weights,
+        )
         print(f"regenerated {png}")
         return 0
+    # everything that can be checked without the models is checked before loading them (minutes for real ones)
+    check_generation_numbers(
+        args.steps, args.prior_steps, args.super_res_steps, args.num_images, args.height, args.width
+    )
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)

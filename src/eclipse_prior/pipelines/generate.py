@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,30 @@ class ResolvedModel:
     id: str
     path: str
     revision: str | None = None
+    weights: dict[str, str] | None = None  # local folders: sha256 of each weight file (hub ones: the revision)
+
+
+def weights_sha256(folder: str | Path) -> dict[str, str]:
+    """sha256 of each ``*.safetensors`` file under a local model folder, by relative path.
+
+    A local folder has no revision, and a run dir's ``prior/`` is replaced at every checkpoint: these digests are
+    what lets a sidecar tell that the weights it was made with are still the ones there. A run dir's
+    ``checkpoints/`` are not what gets loaded and are left out.
+    """
+    import hashlib
+
+    root = Path(folder)
+    digests = {}
+    for file in sorted(root.rglob("*.safetensors")):
+        rel = file.relative_to(root)
+        if rel.parts[0] == "checkpoints":
+            continue
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[rel.as_posix()] = h.hexdigest()
+    return digests
 
 
 def resolve_model(
@@ -114,7 +139,7 @@ def resolve_model(
     """A local folder as is, or a hub id fetched (or found in the cache) as a pinned snapshot folder."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ResolvedModel(spec, str(path.resolve()))
+        return ResolvedModel(spec, str(path.resolve()), weights=weights_sha256(path))
     flag = _FLAGS[role]
     if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") != 1:
         raise ModelNotFoundError(
@@ -357,9 +382,40 @@ class GenerationSettings:
         else:
             out.height = self.height or KANDINSKY_SIZE
             out.width = self.width or KANDINSKY_SIZE
-        if out.steps < 1 or out.prior_steps < 1:
-            raise ConfigError("--steps and --prior-steps must be at least 1")
+            # the decoder rounds other sizes up (50 -> 52 on the tiny decoder, 500 -> 512 on the real one), which
+            # would make the sidecar's size wrong: refuse them
+            multiple = kandinsky_size_multiple(loaded.pipe.movq)
+            for name in ("height", "width"):
+                value = getattr(out, name)
+                if value < 1 or value % multiple:
+                    raise ConfigError(
+                        f"--{name} {value} is not a positive multiple of {multiple} (this decoder's latent scale "
+                        f"squared); use e.g. {max(multiple, round(value / multiple) * multiple)}"
+                    )
+        check_generation_numbers(out.steps, out.prior_steps, out.super_res_steps)
         return out
+
+
+def kandinsky_size_multiple(movq: Any) -> int:
+    """Image sizes the Kandinsky 2.2 decoder makes exactly: multiples of movq_scale_factor**2 (64 for the real one)."""
+    scale = 2 ** (len(movq.config.block_out_channels) - 1)
+    return scale * scale
+
+
+def check_generation_numbers(
+    steps: int | None = None,
+    prior_steps: int | None = None,
+    super_res_steps: int | None = None,
+    num_images: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> None:
+    """One-line errors for counts and sizes that cannot work; cheap, so the CLI runs it before loading models."""
+    named = {"--steps": steps, "--prior-steps": prior_steps, "--super-res-steps": super_res_steps,
+             "--num-images": num_images, "--height": height, "--width": width}
+    for flag, value in named.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
 def _versions() -> dict[str, str]:
@@ -378,7 +434,9 @@ def _versions() -> dict[str, str]:
 
 def _sidecar(loaded: LoadedPipeline, settings: GenerationSettings, prompt: str, seed: int) -> dict[str, Any]:
     models = {
-        role: None if m is None else {"id": m.id, "path": m.path, "revision": m.revision}
+        role: None
+        if m is None
+        else {"id": m.id, "path": m.path, "revision": m.revision, "weights_sha256": m.weights}
         for role, m in loaded.models.items()
     }
     models["prior"]["class"] = loaded.prior_class
@@ -530,8 +588,7 @@ def run_generation(
 
     Writes `NNNNN-<prompt>-s<seed>.png` + `.json` sidecars and `<grid_name>.png` (one row per prompt).
     """
-    if num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    check_generation_numbers(num_images=num_images)
     if not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     out = Path(out)
@@ -570,16 +627,31 @@ def _model_spec(entry: dict[str, Any] | None) -> str | None:
     return entry["id"]
 
 
+def _check_weights(role: str, entry: dict[str, Any], model: ResolvedModel, allow: bool) -> None:
+    recorded, current = entry.get("weights_sha256"), model.weights
+    if recorded is None or current is None or recorded == current:
+        return
+    files = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    what = f"{role} {entry['id']!r}: its weights changed since the image was made ({shown}), so the image would differ"
+    if not allow:
+        raise ConfigError(f"{what}; pass --allow-changed-weights to regenerate with the current weights anyway")
+    print(f"warning: {what}; regenerating with the current weights (--allow-changed-weights)", file=sys.stderr)
+
+
 def regenerate(
     sidecar_path: str | Path,
     out: str | Path | None = None,
     device: str | None = None,
     local_files_only: bool | None = None,
+    allow_changed_weights: bool = False,
 ) -> Path:
     """Re-make the image a sidecar describes (same models and revisions, settings, seed) and write it.
 
     The result goes to `out` (default: beside the sidecar, stem + `-regen`); pixel-equal to the original when
-    run on the same kind of machine with the versions the sidecar records.
+    run on the same kind of machine with the versions the sidecar records. A local model whose weight files no
+    longer match the sidecar's sha256 (e.g. a run dir that trained on) is a one-line error, or with
+    `allow_changed_weights` a warning.
     """
     data = read_sidecar(sidecar_path)
     models = data["models"]
@@ -596,6 +668,7 @@ def regenerate(
     for role, entry in models.items():
         if entry is not None and loaded.models.get(role) is not None:
             loaded.models[role].id = entry["id"]
+            _check_weights(role, entry, loaded.models[role], allow_changed_weights)
     names = {f.name for f in GenerationSettings.__dataclass_fields__.values()}
     settings = GenerationSettings(**{k: data[k] for k in names if k in data})
     ((image, sidecar),) = generate_batch(loaded, [(data["prompt"], int(data["seed"]))], settings)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
+from eclipse_prior.encoders._hf import quiet_transformers
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.pipelines.common import (
     EclipsePipelineOutput,
@@ -25,6 +25,11 @@ from eclipse_prior.pipelines.common import (
     load_saved_components,
     run_prior,
 )
+
+# diffusers' unCLIP/Kandinsky modules look up transformers.CLIPImageProcessor, which without torchvision logs a
+# fallback notice on every run; the PIL processor it falls back to is the one this project uses, so hide it.
+with quiet_transformers():
+    from diffusers import DiffusionPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
 
 @dataclass

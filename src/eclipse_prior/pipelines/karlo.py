@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline
 from diffusers.utils import logging as diffusers_logging
 
+from eclipse_prior.encoders._hf import quiet_transformers
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.pipelines.common import (
     EclipsePipelineOutput,
@@ -32,6 +32,11 @@ from eclipse_prior.pipelines.common import (
     load_saved_components,
     run_prior,
 )
+
+# diffusers' unCLIP/Kandinsky modules look up transformers.CLIPImageProcessor, which without torchvision logs a
+# fallback notice on every run; the PIL processor it falls back to is the one this project uses, so hide it.
+with quiet_transformers():
+    from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline
 
 
 @dataclass
