@@ -258,3 +258,24 @@ def test_export_config_is_the_released_one(run_dir, tmp_path):
     dconfig = json.loads((dout / "config.json").read_text())
     assert dconfig["_class_name"] == "DiffusionPrior" and "_name_or_path" not in dconfig
     assert type(load_prior(dout)) is DiffusionPrior
+
+
+def test_cli_help_does_not_import_torch():
+    """`eclipse-prior [CMD] --help` stays fast: CLI modules import torch (and the library) only inside run()."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from eclipse_prior.cli import main\n"
+        "for argv in ([], ['embed'], ['train'], ['evaluate'], ['export'], ['generate'], ['benchmark-images']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main([*argv, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

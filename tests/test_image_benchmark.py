@@ -489,3 +489,16 @@ def test_cli_end_to_end_through_the_generation_pipeline(tmp_path, tiny_models, t
     assert "0 generated, 4 reused" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["generation"] == {"generated": 0, "reused": 4} and res["preference"]["n_items"] == 2
+
+
+def test_benchmark_cli_numbers_are_one_line_errors(tmp_path, capsys):
+    """Checked before any prior, decoder or prompt file is opened (none of these exist)."""
+    from eclipse_prior.cli import main
+
+    base = ["benchmark-images", "--prior", str(tmp_path / "p"), "--decoder", str(tmp_path / "d"),
+            "--prompts", str(tmp_path / "prompts"), "--out", str(tmp_path / "out")]  # fmt: skip
+    for flag, value in (("--batch-size", "0"), ("--images-per-prompt", "0"), ("--bootstrap-resamples", "-1"),
+                        ("--detection-threshold", "1.5")):
+        assert main([*base, flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err, err

@@ -94,9 +94,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """One-line errors for counts that cannot work, before any model is loaded."""
+    from eclipse_prior.errors import ConfigError
+
+    for name in ("images_per_prompt", "max_prompts", "steps", "prior_steps", "height", "width",
+                 "bootstrap_resamples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= args.detection_threshold < 1:
+        raise ConfigError(f"--detection-threshold must be in [0, 1), got {args.detection_threshold}")
+
+
 def run(args: argparse.Namespace) -> int:
     from eclipse_prior.evaluation import image_benchmark as ib
 
+    _check_numbers(args)
     cfg = ib.BenchmarkConfig(
         priors=args.priors,
         decoder=args.decoder,

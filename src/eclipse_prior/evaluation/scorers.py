@@ -67,6 +67,22 @@ def _prepare(model: torch.nn.Module, device: str | torch.device, dtype: torch.dt
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def _pair_loader(model_cls: Any, processor_cls: Any) -> Callable[[str, dict[str, Any]], tuple[Any, Any]]:
+    """A ``_load`` loader for a model and its processor stored in one folder (weights from safetensors only)."""
+
+    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+        return model_cls.from_pretrained(name, use_safetensors=True, **kw), processor_cls.from_pretrained(name, **kw)
+
+    return loader
+
+
+def _scorer(cls: Callable[..., T], model: Any, processor: Any, name: str, device: str | torch.device,
+            dtype: torch.dtype, *extra: Any) -> T:
+    """Wrap a loaded model (eval, frozen, on device) and processor in a scorer dataclass, recording its revision."""
+    return cls(_prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype,
+               *extra)
+
+
 def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [im.convert("RGB") for im in images]
 
@@ -148,14 +164,9 @@ def load_blip_vqa(
     """BlipForQuestionAnswering + BlipProcessor (tokenizer and image processor) from one folder or hub id."""
     from transformers import BlipForQuestionAnswering, BlipProcessor
 
-    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
-        model = BlipForQuestionAnswering.from_pretrained(name, use_safetensors=True, **kw)
-        return model, BlipProcessor.from_pretrained(name, **kw)
-
+    loader = _pair_loader(BlipForQuestionAnswering, BlipProcessor)
     (model, processor), name = _load("BLIP-VQA", "--vqa-model", id_or_path, loader)
-    return BlipVqaScorer(
-        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype
-    )
+    return _scorer(BlipVqaScorer, model, processor, name, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- detector
@@ -282,15 +293,7 @@ def load_detector(
 
     (model, processor), name = _load("detector", "--detector-model", id_or_path, loader)
     cls = OwlDetector if model.config.model_type == "owlv2" else GroundingDinoDetector
-    return cls(
-        _prepare(model, device, dtype),
-        processor,
-        name,
-        _revision(model, name),
-        torch.device(device),
-        dtype,
-        threshold,
-    )
+    return _scorer(cls, model, processor, name, device, dtype, threshold)
 
 
 # ------------------------------------------------------------------------------------------ CLIPScore and PickScore
@@ -353,15 +356,7 @@ def _load_clip_similarity(
         processor_id,
         lambda n, kw: AutoProcessor.from_pretrained(n, **kw),
     )
-    return ClipSimilarity(
-        _prepare(model, device, dtype),
-        processor,
-        name,
-        _revision(model, name),
-        torch.device(device),
-        dtype,
-        scaled,
-    )
+    return _scorer(ClipSimilarity, model, processor, name, device, dtype, scaled)
 
 
 def load_clipscore(
@@ -414,11 +409,5 @@ def load_dino(
     """Dinov2Model + its image processor from one folder or hub id."""
     from transformers import AutoImageProcessor, Dinov2Model
 
-    def loader(name: str, kw: dict[str, Any]) -> tuple[Any, Any]:
-        model = Dinov2Model.from_pretrained(name, use_safetensors=True, **kw)
-        return model, AutoImageProcessor.from_pretrained(name, **kw)
-
-    (model, processor), name = _load("DINOv2", "--dino-model", id_or_path, loader)
-    return DinoFeatures(
-        _prepare(model, device, dtype), processor, name, _revision(model, name), torch.device(device), dtype
-    )
+    (model, processor), name = _load("DINOv2", "--dino-model", id_or_path, _pair_loader(Dinov2Model, AutoImageProcessor))
+    return _scorer(DinoFeatures, model, processor, name, device, dtype)
