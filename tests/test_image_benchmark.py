@@ -502,3 +502,12 @@ def test_benchmark_cli_numbers_are_one_line_errors(tmp_path, capsys):
         assert main([*base, flag, value]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_scorer_name_that_is_neither_folder_nor_hub_id(tmp_path, monkeypatch):
+    from eclipse_prior.errors import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError, match="dino_typo.*nor a hub id.*--dino-model"):
+        scorers.load_dino("dino_typo")

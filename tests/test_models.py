@@ -350,3 +350,14 @@ def test_load_prior_typo_without_slash_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="run_typo.*does not exist and is not a hub id") as err:
         load_prior("run_typo")
     assert "\n" not in str(err.value)
+
+
+def test_load_prior_unreachable_hub_is_one_line_at_once(monkeypatch):
+    """When the hub's host does not resolve, a hub id is looked up in the cache only (no minute of retries)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    with pytest.raises(ModelNotFoundError, match="hub is unreachable") as err:
+        load_prior("eclipse-prior-tests/no-such-prior")
+    assert "\n" not in str(err.value)

@@ -239,3 +239,12 @@ def test_load_clip_hub_id_from_cache_records_commit(tmp_path, tiny_clip_dir, mon
         bundle.encode_text(["a red square"])["text_embeds"],
         local.encode_text(["a red square"])["text_embeds"],
     )
+
+
+def test_load_clip_name_that_is_neither_folder_nor_hub_id(tmp_path, monkeypatch):
+    """A mistyped folder name without a slash is an immediate one-line error, not a hub request."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError, match="clip_typo.*nor a hub id") as err:
+        load_clip("clip_typo")
+    assert "\n" not in str(err.value)

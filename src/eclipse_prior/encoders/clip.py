@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from eclipse_prior.encoders._hf import hub_resolves, offline_default, quiet_transformers
+from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_default, quiet_transformers
 from eclipse_prior.errors import ModelNotFoundError
 
 SUBFOLDERS = {
@@ -198,6 +198,8 @@ def load_clip(
         name = os.path.expanduser(name)
         if not os.path.isdir(name):
             raise _not_found(name, "no such folder")
+    elif not looks_like_hub_id(name):  # a mistyped folder name: never worth a trip to the hub
+        raise _not_found(name, "no such folder, nor a hub id owner/name")
     if local_files_only is None:
         local_files_only = offline_default()
     if local:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eclipse_prior.encoders._hf import offline_default, quiet_transformers
+from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_default, quiet_transformers
 from eclipse_prior.errors import ModelNotFoundError
 from eclipse_prior.evaluation.compbench import (  # noqa: F401  (re-exported: the scorers' default ids)
     DEFAULT_CLIPSCORE_MODEL,
@@ -46,9 +46,10 @@ def _load(kind: str, flag: str, id_or_path: str, loader: Callable[[str, dict[str
     name = os.path.expanduser(str(id_or_path))
     local = os.path.isdir(name) or name.startswith((".", "/"))
     hint = f"pass a local folder with {flag}"
-    if local and not os.path.isdir(name):
-        raise ModelNotFoundError(f"cannot load {kind} model {name!r} (no such folder); {hint}")
-    kw: dict[str, Any] = {"local_files_only": offline_default()}
+    if (local and not os.path.isdir(name)) or not (local or looks_like_hub_id(name)):
+        raise ModelNotFoundError(f"cannot load {kind} model {name!r} (no such folder, nor a hub id owner/name); {hint}")
+    # without DNS for the hub, use the cache only: one line now instead of a minute of retries
+    kw: dict[str, Any] = {"local_files_only": local or offline_default() or not hub_resolves()}
     try:
         with quiet_transformers():
             obj = loader(name, kw)

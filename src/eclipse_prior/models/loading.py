@@ -51,7 +51,9 @@ def _local_folder(path: Path) -> Path:
     raise ModelNotFoundError(f"{path} holds neither config.json nor prior/config.json: not a prior folder or run dir")
 
 
-def _hub_config(repo_id: str, local_files_only: bool | None) -> tuple[dict[str, Any], str | None]:
+def _hub_config(
+    repo_id: str, local_files_only: bool | None, why: str = "offline or no such model"
+) -> tuple[dict[str, Any], str | None]:
     """The config and subfolder of a hub prior: the repo root (released layout) or `prior/` (pipelines)."""
     kwargs: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
     for subfolder in (None, "prior"):
@@ -61,8 +63,7 @@ def _hub_config(repo_id: str, local_files_only: bool | None) -> tuple[dict[str, 
         except (OSError, ValueError):
             continue
     raise ModelNotFoundError(
-        f"prior {repo_id!r} was not found locally and could not be fetched from the hub (offline or no such "
-        f"model); {_LOCAL_HINT}"
+        f"prior {repo_id!r} was not found locally and could not be fetched from the hub ({why}); {_LOCAL_HINT}"
     )
 
 
@@ -91,10 +92,11 @@ def load_prior(
             "folder or a hub id"
         )
     else:
-        if local_files_only is None:
-            # cache only when offline or when the hub's host does not resolve: no minute of retries
-            local_files_only = True if offline_default() or not hub_resolves() else None
-        config, subfolder = _hub_config(source, local_files_only)
+        why = "offline or no such model"
+        if not local_files_only and not offline_default() and not hub_resolves():
+            # cache only when the hub's host does not resolve: one line now instead of a minute of retries
+            local_files_only, why = True, "the model hub is unreachable and the model is not cached"
+        config, subfolder = _hub_config(source, local_files_only, why)
         target = source
         if subfolder:
             kwargs["subfolder"] = subfolder

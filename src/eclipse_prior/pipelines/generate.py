@@ -147,16 +147,22 @@ def resolve_model(
         )
     from huggingface_hub import snapshot_download
 
+    from eclipse_prior.encoders._hf import hub_resolves, offline_default
+
+    unreachable = not local_files_only and not offline_default() and not hub_resolves()
     try:
         folder = snapshot_download(
             spec,
             revision=revision,
             allow_patterns=_PATTERNS[role],
             ignore_patterns=_IGNORE,
-            local_files_only=bool(local_files_only),
+            # without DNS for the hub, use the cache only: one line now instead of a minute of retries
+            local_files_only=bool(local_files_only) or unreachable,
         )
     except Exception as err:  # huggingface_hub raises many types (offline, not found, gated, HTTP)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        if unreachable:
+            reason = f"the model hub is unreachable; {reason}"
         raise ModelNotFoundError(
             f"{role} {spec!r} is not a local folder and could not be loaded from the Hugging Face hub "
             f"(offline, or not in the cache: {reason}); download it or pass a local folder with {flag} PATH"
