@@ -92,9 +92,15 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"GPU: {m['gpu'] or 'none (no GPU column: none was available)'}",
         f"- threads: {meta['threads']} ({meta['threads_reason']}); 1-min load average at start/end: "
         f"{meta['load_start']:.1f} / {meta['load_end']:.1f} (other users' jobs on the same cores)",
-        f"- wall time of the suite: {sum(meta['section_seconds'].values()):.0f} s",
-        "",
+        f"- wall time: {sum(meta['section_seconds'].values()):.0f} s for sections {', '.join(meta['section_seconds'])}",
     ]
+    if meta.get("earlier_run"):
+        e = meta["earlier_run"]
+        out.append(
+            f"- sections {', '.join(e['kept'])} kept from `{e['command']}` of {e['date']} (threads {e['threads']}, "
+            f"load {e['load_start']:.1f} / {e['load_end']:.1f}, {sum(e['section_seconds'].values()):.0f} s)"
+        )
+    out.append("")
 
     def section(title: str, key: str, lines: Callable[[Any], list[str]]) -> None:
         out.extend([f"## {title}", ""])
@@ -140,7 +146,12 @@ def main() -> int:
     parser.add_argument("--threads", default="auto", help="torch intra-op threads: auto (default) or a number")
     parser.add_argument("--machine", default=None, help="results file name (default cpu-<cores>core or the GPU)")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--only", default=None, help="comma-separated sections: train,reencode,latency,embed,memory")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sections (train,reencode,latency,embed,memory); the other sections' results are "
+        "kept from an existing <machine>.json, and the header names what was rerun and when",
+    )
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
@@ -164,8 +175,16 @@ def main() -> int:
         "memory": lambda: memory.run(args.quick, threads),
     }
     wanted = args.only.split(",") if args.only else list(sections)
+    out = Path(args.out)
+    previous = out / f"{name}.json"
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    earlier: dict[str, Any] = {}
+    if args.only and previous.is_file():
+        old = json.loads(previous.read_text())
+        results = {k: v for k, v in old["results"].items() if k not in wanted}
+        keep = ("command", "date", "threads", "threads_reason", "load_start", "load_end", "section_seconds")
+        earlier = {k: old["meta"][k] for k in keep} | {"kept": sorted(results)}
     for key in wanted:
         _section(key, sections[key], results, seconds)
 
@@ -179,9 +198,9 @@ def main() -> int:
         "load_start": load_start,
         "load_end": common.load_average(),
         "section_seconds": seconds,
+        "earlier_run": earlier,
     }
     md = render_markdown(results, meta)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     (out / f"{name}.md").write_text(md + "\n")
