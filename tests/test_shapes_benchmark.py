@@ -110,7 +110,9 @@ def test_cell_means_by_category_and_split():
             assert (key in cells) == bool(idx)
             if idx:
                 assert cells[key] == pytest.approx(values[idx].mean())
-    assert cells["all/seen"] == pytest.approx(values[[c.split == "seen" for c in eval_set.captions]].mean())
+    # "all" is over the categories with both splits (not shape), so seen and held-out cover the same ones
+    seen = [c.split == "seen" and c.category != "shape" for c in eval_set.captions]
+    assert cells["all/seen"] == pytest.approx(values[seen].mean())
 
 
 def test_unknown_build_part_is_a_config_error(tmp_path):
@@ -127,10 +129,13 @@ def test_build_prior_writes_a_loadable_fp16_eclipse_prior(tmp_path):
 
     out = build_prior(tmp_path / "prior", shipped("clip"), tmp_path / "work", log=lambda s: None, steps=3,
                       train_size=64, preset="tiny", warmup=1)
-    assert (out / "diffusion_pytorch_model.safetensors").is_file() or list(out.glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    files = list(out.glob("*.safetensors"))
+    assert len(files) == 1
+    assert {t.dtype for t in load_file(str(files[0])).values()} == {torch.float16}
     prior = load_prior(str(out), local_files_only=True)
     assert isinstance(prior, EclipsePrior)
-    assert {p.dtype for p in prior.parameters()} == {torch.float16}
     run = json.loads((tmp_path / "work" / "runs" / "eclipse-lam0.2-tiny-n64-s0" / "run.json").read_text())
     assert run["status"] == "finished"
 
@@ -158,12 +163,17 @@ def test_quick_benchmark_real_run(tmp_path):
     def both(row: str, metric: str) -> float:
         return np.mean([main_rows[row][metric][f"all/{s}"]["mean"] for s in ("seen", "held-out")])
 
-    # a true image embedding retrieves its composition better than the raw text embedding (the modality gap)
-    assert both(ROW_ORACLE, "top1") > both(ROW_TEXT, "top1")
-    assert both(ROW_ORACLE, "cos_true") > both(ROW_TEXT, "cos_true") + 0.2
-    # even a briefly trained prior moves predictions from the text cone toward the image cone
+    # the modality gap: the raw text embedding points away from its true images, a true image embedding does not
+    assert both(ROW_TEXT, "cos_true") < 0.5 < both(ROW_ORACLE, "cos_true")
+    assert both(ROW_ORACLE, "cos_centred") > both(ROW_TEXT, "cos_centred") + 0.3
+    # even a briefly trained prior moves predictions from the text cone into the image cone
     for label in OBJECTIVE_LABELS.values():
-        assert both(label, "cos_true") > both(ROW_TEXT, "cos_true")
+        assert both(label, "cos_centred") > both(ROW_TEXT, "cos_centred") + 0.1
+        assert both(label, "cos_true") > both(ROW_TEXT, "cos_true") + 0.3
+    # retrieval is a proportion of the captions; the text row is deterministic (zero-width interval)
+    for row in MAIN_ROWS:
+        assert all(0.0 <= v["mean"] <= 1.0 for v in main_rows[row]["top1"].values())
+    assert all(v["ci"][0] == v["ci"][1] for v in main_rows[ROW_TEXT]["top1"].values())
     # the training store holds no held-out composition and went through embed
     captions = [json.loads(line) for line in (out / "data" / "images-n300" / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 300 and not any(c["held_out"] for c in captions)

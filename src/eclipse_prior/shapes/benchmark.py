@@ -16,8 +16,11 @@ Protocol (the paper's, shrunk to a CPU):
 - Judge accuracy: decode the embeddings with the shipped latent decoder through ``EclipseKandinskyV22Pipeline``
   and score the images with the shapes judge against the caption's composition.
 - At least 3 seeds (model init, data order, noise); mean and 95% t-interval over seeds.
-- Ablations (seed 0 unless the main grid already has more): lam in {0, 0.1, 0.2, 0.4, 0.8, 1.0}; diffusion
-  prior steps {2, 10, 25, 50} (every seed, no retraining); a second network size; three training-set sizes.
+- Ablations: lam in {0, 0.1, 0.2, 0.4, 0.8, 1.0} (every seed) and also 4
+  and 16, because lam weighs InfoNCE against a squared L2 *summed* over the width, whose size follows the
+  CLIP's embedding norm (~17 here), so the paper's range may not reach the regime where the term acts (16 at
+  width 64 equals 0.25 under a per-element mean); diffusion prior steps {2, 10, 25, 50} (every seed, no
+  retraining); a second network size and three training-set sizes (``ablation_seeds``, 3, to fit the time).
 
 Everything expensive is cached in the output folder (stores, run folders, evaluations, decodes), so a rerun
 or a resumed run skips finished work. Writes ``results.json``, ``results.md`` and PNG plots.
@@ -56,7 +59,7 @@ from eclipse_prior.shapes.world import CATEGORIES, Holdout, render_array
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 #: Bumped whenever the embedding metrics change, so cached evaluations are recomputed (not retrained).
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 #: Row labels of the main table, in display order.
 ROW_TEXT = "Text embedding (no prior)"
 ROW_ORACLE = "Oracle (true image embedding)"
@@ -124,7 +127,7 @@ class BenchmarkConfig:
     train_size: int = 1500
     train_sizes: tuple[int, ...] = (500, 1500, 4500)
     data_seed: int = 1
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 40
@@ -132,7 +135,7 @@ class BenchmarkConfig:
     second_preset: str = "tiny"
     pooled_only: bool = True
     lam: float = 0.2
-    lams: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.0)
+    lams: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 4.0, 16.0)
     diffusion_steps: tuple[int, ...] = (2, 10, 25, 50)
     prior_steps: int = 25
     prior_guidance: float = 4.0
@@ -143,6 +146,7 @@ class BenchmarkConfig:
     decoder_steps: int = 20
     decoder_guidance: float = 4.0
     ablations: bool = True
+    ablation_seeds: int = 3
     judge_part: bool = True
     threads: int | None = None
     quick: bool = False
@@ -152,7 +156,7 @@ class BenchmarkConfig:
         """The smoke run: tiny data, two seeds, few steps, no ablations, a handful of decodes."""
         base = dict(
             out=out, seeds=2, train_size=300, train_sizes=(300,), steps=40, warmup=5, preset="tiny",
-            compositions_per_cell=3, paraphrases=1, bank_renders=4, decode_per_cell=1, decoder_steps=4,
+            compositions_per_cell=6, paraphrases=1, bank_renders=6, decode_per_cell=1, decoder_steps=4,
             prior_steps=10, ablations=False, quick=True,
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -411,12 +415,22 @@ class Benchmark:
             t0 = time.time()
             judged = self.judge_part(specs)
             if judged is not None:
-                for row, vals in judged["rows"].items():
-                    results["main"][row]["judge"] = _aggregate_metric(vals)
                 results["judge"] = {k: v for k, v in judged.items() if k != "rows"}
+                results["judge"]["attributes"] = {}
+                for row, vals in judged["rows"].items():
+                    agg = _aggregate(vals)
+                    results["main"][row]["judge"] = agg.pop("judge")
+                    results["judge"]["attributes"][row] = agg
             self.timings["judge_part_s"] = round(time.time() - t0, 1)
         self.timings["total_s"] = round(time.time() - t_start + self.timings["eval_set_and_bank_s"], 1)
+        log_path = self.out / "invocations.json"
+        invocations = (_read_json(log_path) or []) + [{
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": self.timings["total_s"],
+            "seeds": c.seeds, "ablations": c.ablations, "judge_part": c.judge_part}]
+        _write_json(log_path, invocations)
+        self.timings["all_invocations_s"] = round(sum(i["seconds"] for i in invocations), 1)
         results["timings"] = dict(self.timings)
+        results["invocations"] = invocations
         results["train_seconds"] = {
             p.name.removesuffix(".seconds.json"): _read_json(p)["seconds"]
             for p in sorted((self.out / "runs").glob("*.seconds.json"))
@@ -437,8 +451,8 @@ class Benchmark:
         c = self.cfg
         out: dict[str, Any] = {}
         lam_rows = []
-        for lam in c.lams:
-            seeds = range(c.seeds) if lam in (0.0, c.lam) else range(1)
+        for lam in c.lams:  # every seed: whether the contrastive term helps is the paper's central claim
+            seeds = range(c.seeds)
             vals = [self.evaluate_spec(PriorSpec("eclipse" if lam > 0 else "projection", lam, s, c.preset,
                                                  c.train_size))["0"] for s in seeds]
             lam_rows.append({"lam": lam, **_aggregate(vals)})
@@ -449,23 +463,21 @@ class Benchmark:
                     [str(steps)] for s in range(c.seeds)]
             step_rows.append({"steps": steps, **_aggregate(vals)})
         out["diffusion_steps"] = step_rows
-        net_rows = []
-        for preset in (c.second_preset, c.preset):
+        seeds = range(min(c.ablation_seeds, c.seeds))
+
+        def grid_rows(preset: str, n: int) -> list[dict[str, Any]]:
+            rows = []
             for objective, label in OBJECTIVE_LABELS.items():
                 lam = c.lam if objective == "eclipse" else 0.0
-                ev = self.evaluate_spec(PriorSpec(objective, lam, 0, preset, c.train_size))
+                specs = [PriorSpec(objective, lam, s, preset, n) for s in seeds]
                 key = str(c.prior_steps) if objective == "diffusion" else "0"
-                net_rows.append({"preset": preset, "parameters": _parameters(self.out / "runs" /
-                                 PriorSpec(objective, lam, 0, preset, c.train_size).name),
-                                 "model": label, **_aggregate([ev[key]])})
-        out["network"] = net_rows
-        size_rows = []
-        for n in c.train_sizes:
-            for objective, label in OBJECTIVE_LABELS.items():
-                lam = c.lam if objective == "eclipse" else 0.0
-                ev = self.evaluate_spec(PriorSpec(objective, lam, 0, c.preset, n))
-                key = str(c.prior_steps) if objective == "diffusion" else "0"
-                size_rows.append({"train_size": n, "model": label, **_aggregate([ev[key]])})
+                vals = [self.evaluate_spec(spec)[key] for spec in specs]
+                rows.append({"model": label, "parameters": _parameters(self.out / "runs" / specs[0].name),
+                             **_aggregate(vals)})
+            return rows
+
+        out["network"] = [{"preset": p, **r} for p in (c.second_preset, c.preset) for r in grid_rows(p, c.train_size)]
+        size_rows = [{"train_size": n, **r} for n in c.train_sizes for r in grid_rows(c.preset, n)]
         out["train_size"] = size_rows
         return out
 
@@ -529,8 +541,9 @@ class Benchmark:
                 np.savez_compressed(tmp, images=images)
                 os.replace(tmp, path)
             scores = judge_scores(images, scenes, judge=judge)
-            rows[row].append(cell_means({"judge": scores["composition"], "judge_soft": scores["composition_soft"]},
-                                        captions)["judge"])
+            scores["judge"] = scores.pop("composition")
+            scores["judge_soft"] = scores.pop("composition_soft")
+            rows[row].append(cell_means(scores, captions))
             if seed == 0:
                 grids[row] = images
         truth = np.stack([render_array(s) for s in scenes])
@@ -672,12 +685,21 @@ def main_table(results: dict[str, Any], metric: str) -> str:
 
 
 def _ablation_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
-    head = [*keys, "seeds", "top-1 seen", "top-1 held-out", "cos seen", "cos held-out"]
+    head = [*keys, "seeds", "top-1 seen", "top-1 held-out", "centred cos seen", "centred cos held-out"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         vals = [str(r[k]) for k in keys] + [str(r["top1"]["all/seen"]["n"])]
-        vals += [_fmt(r[m][f"all/{s}"]) for m in ("top1", "cos_true") for s in SPLITS]
+        vals += [_fmt(r[m][f"all/{s}"]) for m in ("top1", "cos_centred") for s in SPLITS]
         lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _attribute_table(attributes: dict[str, dict[str, Any]]) -> str:
+    aspects = ["count", "colour", "shape", "texture", "size", "judge_soft"]
+    lines = ["| model | " + " | ".join(aspects) + " |", "|---" * (len(aspects) + 1) + "|"]
+    for row in MAIN_ROWS:
+        if row in attributes:
+            lines.append(f"| {row} | " + " | ".join(_cell(attributes[row][a], "all") for a in aspects) + " |")
     return "\n".join(lines)
 
 
@@ -690,7 +712,7 @@ def automatic_reading(results: dict[str, Any]) -> list[str]:
     main = results["main"]
     ecl, proj, diff = (main[OBJECTIVE_LABELS[k]] for k in ("eclipse", "projection", "diffusion"))
     lines = []
-    for metric in ("top1", "cos_true", "judge"):
+    for metric in ("top1", "cos_true", "cos_centred", "judge"):
         if metric not in ecl:
             continue
         for split in SPLITS:
@@ -705,7 +727,7 @@ def automatic_reading(results: dict[str, Any]) -> list[str]:
                     verdict.append(f"{word} {name} ({e['mean']:.3f} vs {other['mean']:.3f})")
             lines.append(f"- {METRICS[metric]}, {split}: ECLIPSE " + "; ".join(verdict) + ".")
     text = main[ROW_TEXT]["top1"]["all/held-out"]["mean"]
-    ties = all(_overlap(ecl[m]["all/held-out"], o[m]["all/held-out"]) for m in ("top1", "cos_true")
+    ties = all(_overlap(ecl[m]["all/held-out"], o[m]["all/held-out"]) for m in ("top1", "cos_centred")
                for o in (proj, diff))
     if text >= 0.95 and ties:
         lines.append("- WORLD TOO EASY: the raw text embedding already retrieves held-out compositions and every "
@@ -722,7 +744,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, trained on {c['train_size']} shapes-world "
         f"pairs without the held-out compositions; {c['seeds']} seeds; tau = {results['tau']} "
         f"(1/exp(logit_scale) of the CLIP). Diffusion-Baseline sampled with {c['prior_steps']} steps, guidance "
-        f"{c['prior_guidance']}. Cells: seen / held-out, mean ± 95% t-interval half-width over seeds.",
+        f"{c['prior_guidance']}. Cells: seen / held-out, mean ± 95% t-interval half-width over seeds. Column "
+        f"\"all\": the categories that have held-out compositions (all but shape, whose captions never state a "
+        f"colour).",
         f"Eval: {results['eval_set']['captions']} captions, gallery of {results['eval_set']['gallery_compositions']} "
         f"compositions (each evaluated composition plus a hard twin). Modality gap: cosine of the text embedding to "
         f"true image embeddings {results['gap']['text_to_true_cos']:.3f}, of a true image embedding to others of "
@@ -736,7 +760,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         out += [f"Judge: {j['images_per_row_seed']} decoded images per row and seed, decoder {j['decoder_steps']} "
                 f"steps, guidance {j['decoder_guidance']}; the judge on the true renders of the same captions scores "
                 f"{j['judge_on_true_renders']['all/seen']:.2f} seen / "
-                f"{j['judge_on_true_renders'].get('all/held-out', float('nan')):.2f} held-out.", ""]
+                f"{j['judge_on_true_renders'].get('all/held-out', float('nan')):.2f} held-out.", "",
+                "Judge per aspect over all categories with a held-out split (seen / held-out): object count, and "
+                "the multiset of each attribute read right regardless of which object carries it; judge_soft is the "
+                "product of the probabilities of what the caption asserts (BLIP-VQA style).", "",
+                _attribute_table(j["attributes"]), ""]
     abl = results.get("ablations")
     if abl:
         out += ["## Ablations (all categories)", "", "### lambda", "", _ablation_table(abl["lam"], ["lam"]), "",
@@ -798,8 +826,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
                         label=f"{model} {split}".strip())
         ax.set_xlabel(key)
         ax.set_ylabel("retrieval top-1 (all categories)")
-        if name != "lam":
-            ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=0.1) if name == "lam" else ax.set_xscale("log")
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"ablation_{name}.png"

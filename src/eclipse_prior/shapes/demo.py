@@ -79,6 +79,9 @@ class DemoConfig:
     decoder_steps: int = 25
     prompts: tuple[str, ...] = PROMPTS
     threads: int | None = None
+    clip: str | None = None  # None: the shipped part
+    decoder: str | None = None
+    judge: str | None = None
 
     @classmethod
     def quick(cls, out: str) -> DemoConfig:
@@ -149,7 +152,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         out=str(out), seeds=1, train_size=cfg.train_size, train_sizes=(cfg.train_size,), steps=cfg.steps,
         warmup=max(1, cfg.steps // 10), preset=cfg.preset, compositions_per_cell=cfg.compositions_per_cell,
         paraphrases=1, bank_renders=cfg.bank_renders, decode_per_cell=cfg.decode_per_cell,
-        decoder_steps=cfg.decoder_steps, ablations=False,
+        decoder_steps=cfg.decoder_steps, ablations=False, clip=cfg.clip, decoder=cfg.decoder, judge=cfg.judge,
     )
     bench = Benchmark(bcfg, log, progress)
     results = bench.run()
@@ -159,7 +162,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     held = [composition_held_out(c, holdout) for c in comps]
     grid_path = None
     try:
-        decoder = require(shipped("decoder"), "decoder")
+        decoder = require(Path(cfg.decoder) if cfg.decoder else shipped("decoder"), "decoder")
     except ModelNotFoundError as why:
         log(f"decode step skipped: {why}")
         decoder = None
@@ -202,8 +205,9 @@ def demo_report(results: dict[str, Any], prompts: list[str], held: list[bool], h
         "Retrieval top-1: is the predicted embedding closest to its own composition among all evaluated "
         "compositions and their hard twins (mean true image embeddings)?", "",
         main_table(results, "top1"), "",
-        "Cosine to true image embeddings of the caption's composition:", "",
-        main_table(results, "cos_true"), "",
+        "Cosine to true image embeddings of the caption's composition (plain, then centred on the mean of all "
+        "true image embeddings, which separates compositions inside the CLIP's narrow image cone):", "",
+        main_table(results, "cos_true"), "", main_table(results, "cos_centred"), "",
     ]
     if any("judge" in results["main"][r] for r in MAIN_ROWS):
         lines += ["Judge accuracy on decoded images (all-or-nothing: every stated attribute, binding and relation):",

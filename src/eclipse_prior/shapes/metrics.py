@@ -267,21 +267,24 @@ def caption_scores(pred: torch.Tensor, keys: Sequence[str], bank: CompositionBan
             for name, value in (("top1", top1), ("cos_true", cos_true), ("cos_centred", cos_centred))}
 
 
-def cell_means(
-    scores: dict[str, np.ndarray], captions: Sequence[EvalCaption]
-) -> dict[str, dict[str, float]]:
-    """Average per-caption scores per category and split (plus "all" over categories): metric -> cell -> value.
+def cell_means(scores: dict[str, np.ndarray], captions: Sequence[EvalCaption]) -> dict[str, dict[str, float]]:
+    """Average per-caption scores per category and split: metric -> ``"<category>/<split>"`` -> value.
 
-    Cells are named ``"<category>/<split>"``; empty cells (the shape category's held-out split) are left out.
+    ``"all/<split>"`` averages the captions of the categories that have BOTH splits, so seen and held-out are
+    compared over the same categories (the shape category, which has no held-out compositions, is reported on
+    its own only). Empty cells are left out.
     """
     cats = np.array([c.category for c in captions])
     splits = np.array([c.split for c in captions])
+    order = list(dict.fromkeys(cats.tolist()))
+    both = [c for c in order if all(((cats == c) & (splits == s)).any() for s in SPLITS)]
     out: dict[str, dict[str, float]] = {}
     for metric, values in scores.items():
         cells: dict[str, float] = {}
-        for category in [*dict.fromkeys(cats.tolist()), "all"]:
+        for category in [*order, "all"]:
+            in_cat = np.isin(cats, both) if category == "all" else cats == category
             for split in SPLITS:
-                mask = (splits == split) & ((cats == category) if category != "all" else True)
+                mask = in_cat & (splits == split)
                 if mask.any():
                     cells[f"{category}/{split}"] = float(np.mean(values[mask]))
         out[metric] = cells
