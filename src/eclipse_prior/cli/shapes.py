@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--part", choices=["clip", "judge", "decoder", "prior", "all"], default="all",
                    help="which part to rebuild (default all; decoder and prior need clip)")
     b.add_argument("--out", default=None, help="weights folder (default: the package's shapes/weights)")
-    b.add_argument("--work", default=None, help="resumable work folder (default: <out>-work)")
+    b.add_argument("--work", default=None, help="resumable work folder (default: ./shapes-build-work)")
     b.set_defaults(func=run_build)
 
     m = sub.add_parser("benchmark", help="ECLIPSE vs Projection vs Diffusion-Baseline on held-out compositions")

@@ -13,7 +13,7 @@ the benchmark's ECLIPSE row describes it.
 
 Runtimes measured on this project's shared 2-core CPU (GPU not measured: no GPU was at hand): clip ~15-30 min,
 judge ~10-15 min, decoder several hours (the owner's long background run), prior ~3-5 min. Each part resumes
-from its work folder (``--work``, default ``<out>-work``) when interrupted.
+from its work folder (``--work``, default ``./shapes-build-work``) when interrupted.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def build(
     if unknown:
         raise ConfigError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)} or all")
     out = Path(out_dir)
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + "-work")
+    work = Path(work_dir) if work_dir is not None else Path.cwd() / "shapes-build-work"
     seconds: dict[str, Any] = {}
     for part in PARTS:
         if part not in parts:
