@@ -57,8 +57,8 @@ class DecoderConfig:
 
     latent_channels: int = 4
     movq_channels: tuple[int, ...] = (8, 16, 32)
-    movq_steps: int = 1500
-    movq_batch_size: int = 32
+    movq_steps: int = 800
+    movq_batch_size: int = 16
     movq_lr: float = 2e-3
     movq_latent_noise: float = field(default=0.1, metadata={"help": "latent noise (x latent std) in AE training"})
     movq_decoder_steps: int = field(default=1000, metadata={"help": "decoder-only fine-tuning, latents fixed"})
