@@ -7,7 +7,7 @@ all are timed round-robin together with dense matmuls of both dtypes, so every r
   way anyone would first write it (on a CPU torch then runs AdamW as a per-parameter Python loop and picks the
   fused flash-attention kernel for `scaled_dot_product_attention`).
 - `bf16 autocast`: the same loop under `torch.autocast("cpu", torch.bfloat16)`, which is what
-  `eclipse-prior train --mixed-precision bf16` does through accelerate.
+  `eclipse-prior train --mixed-precision bf16` did through accelerate until it adopted "+ fast" (686b1ca).
 - `... + fast`: fused AdamW (`fused=True`: one kernel over all parameters) and the math attention backend
   (`sdpa_kernel(SDPBackend.MATH)`: two bmm and a softmax). On this CPU the flash-attention kernel's backward
   with an additive float mask and 32-wide heads took ~25% of a bf16 step for <3% of its FLOPs; bmm + softmax
