@@ -520,10 +520,12 @@ def _make_optimizer(prior: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _attention_backend(device: torch.device) -> Any:
-    """Plain (math) attention on CPU: torch's CPU flash-attention backward with our additive mask and 32-wide heads
-    took ~24% of a bf16 step for <3% of its FLOPs; the math path is the same arithmetic (benchmarks/README.md)."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+def _attention_backend(device: torch.device, mixed_precision: str) -> Any:
+    """Plain (math) attention for mixed precision on CPU: torch's CPU flash-attention backward with our additive mask
+    and 32-wide heads took ~24% of a bf16 step for <3% of its FLOPs; the math path is the same arithmetic. In fp32
+    it did not help (benchmarks/README.md), so torch keeps its choice there and on GPUs."""
+    use_math = device.type == "cpu" and mixed_precision != "no"
+    return sdpa_kernel(SDPBackend.MATH) if use_math else nullcontext()
 
 
 def _training_step(
@@ -539,7 +541,7 @@ def _training_step(
     rank, world, b = accelerator.process_index, accelerator.num_processes, cfg.batch_size
     torch.manual_seed(mix_seed(cfg.seed, micro_step, rank))  # anything left on the global RNG (dropout)
     randomness = draw_randomness(prior, cfg.objective, cfg.seed, micro_step, b * world, slice(rank * b, (rank + 1) * b))
-    with accelerator.accumulate(model), _attention_backend(accelerator.device):
+    with accelerator.accumulate(model), _attention_backend(accelerator.device, cfg.mixed_precision):
         pred = model(
             batch["image_embeds"],
             batch["text_embeds"],
