@@ -142,8 +142,8 @@ class BenchmarkConfig:
     compositions_per_cell: int = 16
     paraphrases: int = 2
     bank_renders: int = 16
-    decode_per_cell: int = 6
-    decoder_steps: int = 20
+    decode_per_cell: int = 8
+    decoder_steps: int = 25
     decoder_guidance: float = 4.0
     ablations: bool = True
     ablation_seeds: int = 3
