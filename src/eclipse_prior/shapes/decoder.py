@@ -66,7 +66,7 @@ class DecoderConfig:
     unet_attention_levels: tuple[int, ...] = field(default=(2,), metadata={"help": "levels with cross-attention"})
     unet_layers_per_block: int = 1
     attention_head_dim: int = 32
-    unet_steps: int = 16_200
+    unet_steps: int = 18_830
     unet_batch_size: int = 16
     unet_lr: float = 8e-4
     unet_lr_final: float = field(default=2.5e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
@@ -640,7 +640,7 @@ def build_decoder(
     Every stage resumes from ``work_dir`` (default: ``<out_dir>-work``). Runtime measured for the shipped build
     on this project's 2 CPU cores shared with ~7 other jobs (1 thread, fp32; rates swing 2x with the load):
     autoencoder 800 steps at batch 16, 0.5-0.9 step/s (~25 min); pool of 20k renders, CLIP embeddings and latents
-    (~5 min rendering + ~4 min encoding); UNet at batch 16, 1.5-3.1 step/s (about 1 h 15 min for the shipped
+    (~5 min rendering + ~4 min encoding); UNet at batch 16, 1.5-3.1 step/s (about 1 h 20 min for the shipped
     step count); decoder-only fine-tuning 1000 steps at ~0.75 step/s (~22 min; the shipped build ran it beside
     the UNet). About 2.5 h in total run in sequence; a GPU would take minutes.
     """
