@@ -482,8 +482,8 @@ def load_decoder_pipeline(path: str | Path | None = None, dtype: torch.dtype = t
         raise ModelNotFoundError(
             f"no shapes decoder at {root} (expected unet/ movq/ scheduler/); run `eclipse-prior shapes build`"
         )
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
-    movq = VQModel.from_pretrained(root / "movq", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, use_safetensors=True)
+    movq = VQModel.from_pretrained(root / "movq", torch_dtype=dtype, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     pipe = KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
     pipe.set_progress_bar_config(disable=True)
@@ -573,7 +573,7 @@ def prepare_movq(cfg: DecoderConfig, work: Path, log: Callable[[str], None] = pr
     """Stage 1: train the autoencoder and fold its latent statistics in (cached in ``work/movq-final``)."""
     movq_dir = work / "movq-final"
     if resume and (movq_dir / "config.json").exists():
-        return VQModel.from_pretrained(movq_dir).eval()
+        return VQModel.from_pretrained(movq_dir, use_safetensors=True).eval()
     images, _ = render_scenes(max(4 * cfg.movq_batch_size, cfg.pool_size // 3), cfg.seed)
     movq = train_movq(cfg, work, images, log, resume)
     mean, std = standardize_latents(movq, to_model_pixels(images[:2048]))
@@ -592,8 +592,8 @@ def finetune_movq_decoder(
     """
     tuned = work / "movq-tuned"
     if resume and (tuned / "config.json").exists():
-        return VQModel.from_pretrained(tuned).eval()
-    movq = VQModel.from_pretrained(work / "movq-final")
+        return VQModel.from_pretrained(tuned, use_safetensors=True).eval()
+    movq = VQModel.from_pretrained(work / "movq-final", use_safetensors=True)
     movq.requires_grad_(False)
     params = [*movq.post_quant_conv.parameters(), *movq.decoder.parameters()]
     for p in params:

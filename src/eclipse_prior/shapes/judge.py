@@ -337,7 +337,7 @@ def build_judge(
 def load_judge(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ShapesJudge:
     """The shipped judge (or one saved at ``path``), in eval mode."""
     folder = Path(path) if path is not None else Path(__file__).parent / "weights" / "judge"
-    return ShapesJudge.from_pretrained(folder, torch_dtype=dtype).eval()
+    return ShapesJudge.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
 
 
 def read_objects(probs: dict[str, np.ndarray]) -> list[dict[str, str]]:
