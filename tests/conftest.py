@@ -20,7 +20,6 @@ TINY_CLIP_WORDS = (
     "square circle triangle star cross ring heart hexagon cat dog car tree house "
     "striped dotted plain checkered wooden metal one two three"
 ).split()
-PAD, BOS, UNK, EOS = "<pad>", "<|startoftext|>", "<unk>", "<|endoftext|>"
 
 IMAGE_FOLDER_CAPTIONS = [
     "a red square",
@@ -33,25 +32,10 @@ IMAGE_FOLDER_CAPTIONS = [
 
 
 def build_tiny_tokenizer(max_length: int = 77):
-    """Word-level tokenizer with CLIP's special tokens: bos <|startoftext|>, eos <|endoftext|>, pad <pad> (id 0)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """Word-level tokenizer with CLIP's special tokens (bos <|startoftext|>, eos <|endoftext|> id 3, pad id 0)."""
+    from eclipse_prior.shapes.tokenizer import build_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, EOS, *TINY_CLIP_WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        model_max_length=max_length,
-    )
+    return build_tokenizer(max_length, words=TINY_CLIP_WORDS)
 
 
 def build_tiny_clip(seed: int = 0, projection_dim: int = 32):

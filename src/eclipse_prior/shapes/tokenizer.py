@@ -7,6 +7,8 @@ The eos id is not 2, so transformers' CLIP text model pools at the first eos tok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerFast
 
 from eclipse_prior.shapes.captions import (
@@ -38,11 +40,15 @@ def grammar_words() -> list[str]:
     return words
 
 
-def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """A lower-casing whitespace word-level tokenizer adding bos/eos, padding with ``<pad>``."""
+def build_tokenizer(max_length: int = MAX_LENGTH, words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing whitespace word-level tokenizer adding bos/eos, padding with ``<pad>`` (id 0).
+
+    The vocabulary is the caption grammar's words unless ``words`` is given (tests build tiny CLIPs with it).
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, EOS, *grammar_words()])}
+    vocab_words = grammar_words() if words is None else list(dict.fromkeys(words))
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, EOS, *vocab_words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
