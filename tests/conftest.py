@@ -21,6 +21,17 @@ TINY_CLIP_WORDS = (
     "striped dotted plain checkered wooden metal one two three"
 ).split()
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: tiny models gain nothing from threads, subprocesses run with
+    OMP_NUM_THREADS=1 (equal float results), and on a shared CPU extra threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 IMAGE_FOLDER_CAPTIONS = [
     "a red square",
     "a blue circle",

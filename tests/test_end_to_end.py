@@ -16,6 +16,8 @@ from eclipse_prior.data.store import EmbeddingStore
 from eclipse_prior.evaluation import evaluate_prior
 from eclipse_prior.models import EclipsePrior, load_prior
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
 SHAPES = ["square", "circle", "triangle", "star", "heart", "ring"]
 
@@ -33,14 +35,6 @@ def write_captioned_images(root: Path) -> Path:
         lines.append(json.dumps({"file": f"{i:03d}.png", "caption": caption}))
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_images_to_exported_prior_through_the_cli(tiny_clip_dir, tmp_path, capsys):

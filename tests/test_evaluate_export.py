@@ -22,13 +22,7 @@ from eclipse_prior.training import train
 from eclipse_prior.training.checkpoint import list_checkpoints
 from test_training import make_store, tiny_cfg
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

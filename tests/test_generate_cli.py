@@ -16,14 +16,7 @@ from eclipse_prior.cli import main
 from eclipse_prior.models import EclipsePrior
 from eclipse_prior.pipelines.tiny import save_tiny_kandinsky_decoder, save_tiny_karlo_decoder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads spin-wait: use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ BERT_WORDS = (
     "a an the of on in and with left right top next to near red green blue bench bowl cat dog yes no".split()
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def build_tiny_bert_tokenizer():
     """WordPiece tokenizer with BERT's special tokens plus BLIP's [DEC] start token (transformers 5: vocab dict)."""
@@ -151,15 +153,6 @@ def save_tiny_dinov2(path: Path) -> Path:
         path
     )
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine thread spinning made them ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

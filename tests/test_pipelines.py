@@ -21,16 +21,9 @@ from eclipse_prior.pipelines.kandinsky import EclipseKandinskyV22Pipeline
 from eclipse_prior.pipelines.karlo import EclipseKarloPipeline
 from eclipse_prior.pipelines.tiny import save_tiny_kandinsky_decoder, save_tiny_karlo_decoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE, STEPS = 32, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads spin-wait: use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

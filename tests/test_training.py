@@ -24,6 +24,8 @@ from eclipse_prior.training import TrainConfig, train
 from eclipse_prior.training.checkpoint import list_checkpoints
 from eclipse_prior.training.trainer import DataOrder, lr_factor, resolved_command
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WIDTH, LENGTH = 32, 8
 
 
@@ -63,16 +65,6 @@ def make_store(
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "store")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, like the subprocesses below (OMP_NUM_THREADS=1): equal float results, and the
-    shared 2-core machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_cfg(store: Path, out: Path, **kw) -> TrainConfig:
