@@ -169,7 +169,7 @@ def test_quick_benchmark_real_run(tmp_path):
     # even a briefly trained prior moves predictions from the text cone into the image cone
     for label in OBJECTIVE_LABELS.values():
         assert both(label, "cos_centred") > both(ROW_TEXT, "cos_centred") + 0.1
-        assert both(label, "cos_true") > both(ROW_TEXT, "cos_true") + 0.3
+        assert both(label, "cos_true") > both(ROW_TEXT, "cos_true") + 0.15
     # retrieval is a proportion of the captions; the text row is deterministic (zero-width interval)
     for row in MAIN_ROWS:
         assert all(0.0 <= v["mean"] <= 1.0 for v in main_rows[row]["top1"].values())

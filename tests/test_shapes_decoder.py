@@ -26,9 +26,8 @@ from eclipse_prior.shapes.decoder import (
 )
 
 TINY = DecoderConfig(
-    movq_channels=(8, 8, 16), unet_channels=(16, 32), unet_attention_levels=(1,), attention_head_dim=8,
-    movq_batch_size=4,
-    unet_batch_size=4, checkpoint_every_s=0.0, pool_size=16,
+    movq_channels=(8, 8, 16), latent_channels=4, unet_channels=(16, 32), unet_attention_levels=(1,),
+    attention_head_dim=8, movq_batch_size=4, unet_batch_size=4, checkpoint_every_s=0.0, pool_size=16,
 )
 EMBED = 8
 
@@ -125,25 +124,49 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
     assert not all(torch.equal(a_unet[k], half_unet[k]) for k in a_unet)
 
 
-@pytest.mark.skipif(
+SHIPPED = pytest.mark.skipif(
     not (DEFAULT_DECODER_DIR / "unet" / "config.json").exists()
     or not (DEFAULT_DECODER_DIR.parent / "clip" / "config.json").exists(),
     reason="shipped shapes decoder/CLIP not built yet (eclipse-prior shapes build)",
 )
+
+
+@SHIPPED
+def test_shipped_decoder_was_trained_on_the_shipped_clip():
+    import hashlib
+    import json
+
+    build = json.loads((DEFAULT_DECODER_DIR / "build.json").read_text())
+    clip_weights = DEFAULT_DECODER_DIR.parent / "clip" / "model.safetensors"
+    assert build["clip_sha256"] == hashlib.sha256(clip_weights.read_bytes()).hexdigest()
+
+
+# Below the shipped decoder's scores on this 12-scene, 10-step sample (colour .83, shape .67; build.json, 96 scenes
+# at 20 steps: .78 / .70), far above decodes of raw text embeddings (.12 / .25 there).
+ORACLE_COLOUR, ORACLE_SHAPE = 0.6, 0.45
+
+
+@SHIPPED
 def test_shipped_decoder_reconstructs_and_decodes_true_embeddings():
-    from eclipse_prior.shapes.decoder import clip_image_embeds, load_vision_model, zero_image_embed
+    from eclipse_prior.shapes.decoder import clip_image_embeds, load_vision_model, to_uint8, zero_image_embed
+    from eclipse_prior.shapes.judge import judge_scores
 
     pipe = load_decoder_pipeline()
-    images = render_scenes(8, 4)[0]
+    images, scenes = render_scenes(24, 4)
     with torch.no_grad():
         z = pipe.movq.encode(to_model_pixels(images)).latents
         rec = pipe.movq.decode(z, force_not_quantize=True).sample
     assert 0.5 < float(z.std()) < 2.0  # standardised latents, as the DDPM prior assumes
     mae = float((rec.clamp(-1, 1) - to_model_pixels(images)).abs().mean()) * 127.5
-    assert mae < 8.0, f"autoencoder mean absolute error {mae:.1f}/255"
+    assert mae < 4.0, f"autoencoder mean absolute error {mae:.1f}/255"
+    # the autoencoder keeps what the judge reads (measured on 240 renders: colour 1.0, shape 0.99, texture 0.94)
+    kept = judge_scores(to_uint8(rec), scenes)
+    assert kept["colour"].mean() >= 0.95 and kept["shape"].mean() >= 0.9, kept
+    # decoding true image embeddings draws the scene (the quality gate, on a small sample and 10 steps)
     vision = load_vision_model(DEFAULT_DECODER_DIR.parent / "clip")
-    emb = clip_image_embeds(vision, images[:2])
-    out = decode_embeds(pipe, emb, zero_image_embed(vision), num_inference_steps=8, guidance_scale=4.0)
-    assert out.shape == (2, 64, 64, 3)
-    # an object is drawn: pixels far from the grey background exist where the render has them
-    assert (np.abs(out.astype(int) - 128).sum(-1) > 150).sum() > 50
+    n = 12
+    out = decode_embeds(pipe, clip_image_embeds(vision, images[:n]), zero_image_embed(vision),
+                        num_inference_steps=10, guidance_scale=4.0)
+    assert out.shape == (n, 64, 64, 3)
+    drawn = judge_scores(out, scenes[:n])
+    assert drawn["colour"].mean() >= ORACLE_COLOUR and drawn["shape"].mean() >= ORACLE_SHAPE, drawn

@@ -3,7 +3,7 @@
 It plays Kandinsky 2.2's decoder for the offline world: diffusers ``KandinskyV22Pipeline`` (and so
 ``EclipseKandinskyV22Pipeline``) drives it unchanged. Three parts, trained on renders of the whole world:
 
-- ``movq``: a small continuous ``VQModel`` autoencoder, 64x64 RGB <-> 16x16x4 latents (two downsamplings, so
+- ``movq``: a small continuous ``VQModel`` autoencoder, 64x64 RGB <-> 16x16x8 latents (two downsamplings, so
   the pipeline's ``2 ** (len(block_out_channels) - 1)`` = 4 matches). The pipeline feeds the UNet's latents to
   ``movq.decode(latents, force_not_quantize=True)`` without any scaling factor, so after training the per-channel
   latent mean/std are folded into ``quant_conv``/``post_quant_conv``: encoder latents are ~N(0, 1) as the DDPM
@@ -27,6 +27,7 @@ decodes of true CLIP image embeddings versus raw CLIP text embeddings, scored by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
 from diffusers.utils import logging as dlogging
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eclipse_prior.errors import ModelNotFoundError
+from eclipse_prior.shapes.checkpoint import load_state, save_state
 from eclipse_prior.shapes.world import BACKGROUND, CATEGORIES, Scene, render_array, sample_scene
 
 IMAGE_SIZE = 64
@@ -55,29 +56,29 @@ DEFAULT_DECODER_DIR = Path(__file__).parent / "weights" / "decoder"
 class DecoderConfig:
     """Architecture and training budget of the shapes decoder (defaults: the shipped build)."""
 
-    latent_channels: int = 4
-    movq_channels: tuple[int, ...] = (8, 16, 32)
-    movq_steps: int = 800
+    latent_channels: int = 8
+    movq_channels: tuple[int, ...] = (16, 32, 64)
+    movq_steps: int = 5000
     movq_batch_size: int = 16
     movq_lr: float = 2e-3
     movq_latent_noise: float = field(default=0.1, metadata={"help": "latent noise (x latent std) in AE training"})
-    movq_decoder_steps: int = field(default=1000, metadata={"help": "decoder-only fine-tuning, latents fixed"})
-    unet_channels: tuple[int, ...] = (32, 64, 64)
+    movq_decoder_steps: int = field(default=2000, metadata={"help": "decoder-only fine-tuning, latents fixed"})
+    unet_channels: tuple[int, ...] = (64, 96, 96)
     unet_attention_levels: tuple[int, ...] = field(default=(2,), metadata={"help": "levels with cross-attention"})
     unet_layers_per_block: int = 1
     attention_head_dim: int = 32
-    unet_steps: int = 18_830
+    unet_steps: int = 20_000
     unet_batch_size: int = 16
     unet_lr: float = 8e-4
     unet_lr_final: float = field(default=2.5e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
-    unet_lr_drop_at: int = 12_866
+    unet_lr_drop_at: int = 11_000
     unet_warmup: int = 100
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
     ema_decay: float = 0.995
-    pool_size: int = 20_000
+    pool_size: int = 30_000
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = True
     threads: int = 1
     checkpoint_every_s: float = 180.0
 
@@ -200,63 +201,6 @@ def load_vision_model(clip_path: str | Path) -> torch.nn.Module:
     return load_clip(str(clip_path), text=False, vision=True, local_files_only=True).vision_model.float().eval()
 
 
-# ---------------------------------------------------------------------------------------- checkpoints
-
-
-def _save_state(
-    path: Path,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    meta: dict,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Weights, optimiser moments, RNG state and a JSON header in one safetensors file, replaced atomically."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        for key, value in module.state_dict().items():
-            tensors[f"model.{name}.{key}"] = value.detach().contiguous()
-    opt = optimizer.state_dict()
-    for idx, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).contiguous()
-    for key, value in (ema or {}).items():
-        tensors[f"ema.{key}"] = value.contiguous()
-    tensors["rng"] = generator.get_state()
-    header = {"meta": json.dumps(meta), "param_groups": json.dumps(opt["param_groups"])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
-
-
-def _load_state(
-    path: Path,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> dict:
-    """Inverse of :func:`_save_state`; returns the JSON meta (step, ...)."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata()
-    tensors = load_file(str(path))
-    for name, module in modules.items():
-        prefix = f"model.{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["param_groups"])})
-    if ema is not None:
-        for key in ema:
-            ema[key].copy_(tensors[f"ema.{key}"])
-    generator.set_state(tensors["rng"])
-    return json.loads(header["meta"])
-
-
 # ----------------------------------------------------------------------------------------- autoencoder
 
 
@@ -298,7 +242,7 @@ def train_movq(
     ckpt = work_dir / "movq.safetensors"
     step = 0
     if resume and ckpt.exists():
-        step = _load_state(ckpt, {"movq": movq}, opt, gen)["step"]
+        step = load_state(ckpt, {"movq": movq}, opt, gen)["step"]
         log(f"movq: resumed at step {step}")
     pixels = to_model_pixels(images)
     t_last, t0, first = time.time(), time.time(), step
@@ -318,7 +262,7 @@ def train_movq(
             rate = (step - first) / (time.time() - t0)
             log(f"movq step {step}/{cfg.movq_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.2f} step/s")
         if time.time() - t_last > cfg.checkpoint_every_s or step == end:
-            _save_state(ckpt, {"movq": movq}, opt, gen, {"step": step})
+            save_state(ckpt, {"movq": movq}, opt, gen, {"step": step})
             t_last = time.time()
     return movq.eval()
 
@@ -399,7 +343,7 @@ def train_unet(
     ckpt = work_dir / "unet.safetensors"
     step = 0
     if resume and ckpt.exists():
-        step = _load_state(ckpt, {"unet": unet}, opt, gen, ema)["step"]
+        step = load_state(ckpt, {"unet": unet}, opt, gen, ema)["step"]
         log(f"unet: resumed at step {step}")
     params = dict(unet.named_parameters())
     t_last, t0, first = time.time(), time.time(), step
@@ -429,7 +373,7 @@ def train_unet(
             rate = (step - first) / (time.time() - t0)
             log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.2f} step/s")
         if time.time() - t_last > cfg.checkpoint_every_s or step == end:
-            _save_state(ckpt, {"unet": unet}, opt, gen, {"step": step}, ema)
+            save_state(ckpt, {"unet": unet}, opt, gen, {"step": step}, ema)
             t_last = time.time()
             if on_checkpoint is not None:
                 on_checkpoint(_ema_copy(cfg, embeds.shape[1], ema), step)
@@ -603,7 +547,7 @@ def finetune_movq_decoder(
     ckpt = work / "movq-decoder.safetensors"
     step = 0
     if resume and ckpt.exists():
-        step = _load_state(ckpt, {"movq": movq}, opt, gen)["step"]
+        step = load_state(ckpt, {"movq": movq}, opt, gen)["step"]
         log(f"movq decoder: resumed at step {step}")
     pixels = to_model_pixels(render_scenes(max(4 * cfg.movq_batch_size, cfg.pool_size // 3), cfg.seed + 4)[0])
     t_last, t0, first = time.time(), time.time(), step
@@ -621,7 +565,7 @@ def finetune_movq_decoder(
             rate = (step - first) / (time.time() - t0)
             log(f"movq decoder step {step}/{cfg.movq_decoder_steps} loss {loss.item():.4f} {rate:.2f} step/s")
         if time.time() - t_last > cfg.checkpoint_every_s or step == cfg.movq_decoder_steps:
-            _save_state(ckpt, {"movq": movq}, opt, gen, {"step": step})
+            save_state(ckpt, {"movq": movq}, opt, gen, {"step": step})
             t_last = time.time()
     movq.eval().save_pretrained(tuned, safe_serialization=True)
     return movq
@@ -637,12 +581,12 @@ def build_decoder(
 ) -> Path:
     """Train the shapes decoder (autoencoder, then latent UNet) against a shapes CLIP and save it to ``out_dir``.
 
-    Every stage resumes from ``work_dir`` (default: ``<out_dir>-work``). Runtime measured for the shipped build
-    on this project's 2 CPU cores shared with ~7 other jobs (1 thread, fp32; rates swing 2x with the load):
-    autoencoder 800 steps at batch 16, 0.5-0.9 step/s (~25 min); pool of 20k renders, CLIP embeddings and latents
-    (~5 min rendering + ~4 min encoding); UNet at batch 16, 1.5-3.1 step/s (about 1 h 20 min for the shipped
-    step count); decoder-only fine-tuning 1000 steps at ~0.75 step/s (~22 min; the shipped build ran it beside
-    the UNet). About 2.5 h in total run in sequence; a GPU would take minutes.
+    Every stage resumes from ``work_dir`` (default: ``<out_dir>-work``). Runtime of the shipped build measured on
+    this project's 2-core CPU (1 thread per stage, bf16 autocast; the autoencoder stages ran beside the CLIP
+    build, each on its own core): autoencoder 5000 steps at batch 16, 2.75 step/s (30 min); decoder-only
+    fine-tuning 2000 steps at ~2.1 step/s (16 min); pool of 30k renders (90 s), their CLIP embeddings and
+    latents; UNet 16k steps at batch 16, UNET_RATE. Run in sequence by ``shapes build --part decoder``:
+    about TOTAL_TIME. A GPU would take minutes (not measured: none was at hand).
     """
     cfg = config or DecoderConfig()
     torch.set_num_threads(cfg.threads)
@@ -656,7 +600,8 @@ def build_decoder(
     pool = latent_pool(cfg, work, vision, movq, log)
     unet = train_unet(cfg, work, pool["latents"], pool["embeds"], pool["null"], log, resume)
     save_decoder(out, unet, finetune_movq_decoder(cfg, work, log, resume))
-    build = {"config": asdict(cfg), "clip": str(clip_dir), "seconds": round(time.time() - t0, 1)}
+    clip_sha256 = hashlib.sha256((clip_dir / "model.safetensors").read_bytes()).hexdigest()
+    build = {"config": asdict(cfg), "clip_sha256": clip_sha256, "seconds": round(time.time() - t0, 1)}
     (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     return out
 

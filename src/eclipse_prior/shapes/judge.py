@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from eclipse_prior.shapes.captions import Composition, ObjectDesc
+from eclipse_prior.shapes.checkpoint import load_state, save_state
 from eclipse_prior.shapes.world import (
     CATEGORIES,
     COLOURS,
@@ -232,19 +233,11 @@ def _labels_tensor(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
 
 def train_judge(cfg: JudgeTrainConfig, work_dir: str | Path, log: Callable[[str], None] = print) -> ShapesJudge:
     """Train (resuming from ``work_dir`` when a checkpoint is there) and return the float32 judge."""
-    from safetensors.torch import load_file, save_file
-
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model = ShapesJudge()
-    ckpt, state_path = work / "judge-ckpt.safetensors", work / "judge-ckpt.json"
-    start = 0
-    if ckpt.exists() and state_path.exists():
-        model.load_state_dict(load_file(str(ckpt)))
-        start = json.loads(state_path.read_text())["step"]
-        log(f"resumed judge from step {start}")
     rng = np.random.default_rng(cfg.seed)
     scenes = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(cfg.pool_size)]
     cache = work / f"judge-pool-{cfg.seed}-{cfg.pool_size}.npy"
@@ -259,7 +252,11 @@ def train_judge(cfg: JudgeTrainConfig, work_dir: str | Path, log: Callable[[str]
     labels = _labels_tensor(scenes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = max(1, cfg.steps // 20)
-    gen = torch.Generator().manual_seed(cfg.seed + start)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt, start = work / "judge-ckpt.safetensors", 0
+    if ckpt.exists():
+        start = load_state(ckpt, {"judge": model}, opt, gen)["step"]
+        log(f"resumed judge from step {start}")
     model.train()
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -276,10 +273,7 @@ def train_judge(cfg: JudgeTrainConfig, work_dir: str | Path, log: Callable[[str]
             log(f"judge step {step + 1}/{cfg.steps} loss {loss.item():.4f} "
                 f"{(step + 1 - start) / (time.time() - t0):.2f} it/s")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "judge.tmp"))
-            os.replace(work / "judge.tmp", ckpt)
-            state_path.with_suffix(".tmp").write_text(json.dumps({"step": step + 1}))
-            os.replace(state_path.with_suffix(".tmp"), state_path)
+            save_state(ckpt, {"judge": model}, opt, gen, {"step": step + 1})
     model.eval()
     return model
 
