@@ -11,9 +11,10 @@ The shipped prior is the shapes benchmark's ECLIPSE configuration at seed 0 (sma
 the CLIP, pooled text embedding, the same low-data training set with the held-out compositions withheld), so
 the benchmark's ECLIPSE row describes it.
 
-Runtimes measured on this project's shared 2-core CPU (GPU not measured: no GPU was at hand): clip ~15-30 min,
-judge ~10-15 min, decoder several hours (the owner's long background run), prior ~3-5 min. Each part resumes
-from its work folder (``--work``, default ``./shapes-build-work``) when interrupted.
+Runtimes measured on this project's 2-core CPU (GPU not measured: no GPU was at hand): clip 45-60 min, judge
+~32 min, decoder ~1 h 55 min (autoencoder 30 min, its decoder fine-tuning 15 min, latent pool 5 min, UNet 64
+min), prior ~25 s. Each part resumes from its work folder (``--work``, default ``./shapes-build-work``) when
+interrupted.
 """
 
 from __future__ import annotations

@@ -584,9 +584,9 @@ def build_decoder(
     Every stage resumes from ``work_dir`` (default: ``<out_dir>-work``). Runtime of the shipped build measured on
     this project's 2-core CPU (1 thread per stage, bf16 autocast; the autoencoder stages ran beside the CLIP
     build, each on its own core): autoencoder 5000 steps at batch 16, 2.75 step/s (30 min); decoder-only
-    fine-tuning 2000 steps at ~2.1 step/s (16 min); pool of 30k renders (90 s), their CLIP embeddings and
-    latents; UNet 16k steps at batch 16, UNET_RATE. Run in sequence by ``shapes build --part decoder``:
-    about TOTAL_TIME. A GPU would take minutes (not measured: none was at hand).
+    fine-tuning 2000 steps at ~2.2 step/s (15 min); pool of 30k renders, their CLIP embeddings and latents
+    (~5 min); UNet 20k steps at batch 16, 4.5 step/s on 1 thread and 6.2 on 2 (64 min). Run in sequence by
+    ``shapes build --part decoder``: about 1 h 55 min. A GPU would take minutes (not measured: none at hand).
     """
     cfg = config or DecoderConfig()
     torch.set_num_threads(cfg.threads)
