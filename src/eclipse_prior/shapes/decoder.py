@@ -623,6 +623,7 @@ def oracle_check(
 
     ``judge_score(images, scenes)`` returns per-image scores keyed by criterion (e.g. colour, shape); the
     default is the shapes judge. The modality gap shows as text-embedding decodes failing where oracle ones pass.
+    The ``autoencoder`` row judges movq reconstructions of the renders, the ceiling any UNet could reach.
     Writes ``oracle.png``/``text.png`` grids and ``oracle_check.json`` to ``out_dir`` when given.
     """
     from eclipse_prior.encoders.clip import load_clip
@@ -644,8 +645,16 @@ def oracle_check(
     report: dict = {"n_per_category": n_per_category, "seed": seed, "steps": num_inference_steps,
                     "guidance": guidance_scale, "rows": {}}
     decoded = {}
-    for name, emb in (("truth", None), ("oracle", image_embeds), ("text", text_embeds)):
-        images = truth if emb is None else decode_embeds(pipe, emb, negative, num_inference_steps, guidance_scale, seed)
+    with torch.no_grad():
+        latents = pipe.movq.encode(to_model_pixels(truth)).latents
+        reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample)
+    for name, emb in (("truth", None), ("autoencoder", None), ("oracle", image_embeds), ("text", text_embeds)):
+        if name == "truth":
+            images = truth
+        elif name == "autoencoder":  # the movq round trip alone: the ceiling any UNet could reach
+            images = reconstructed
+        else:
+            images = decode_embeds(pipe, emb, negative, num_inference_steps, guidance_scale, seed)
         decoded[name] = images
         scores = judge_score(images, scenes)
         cats = np.array([s.category for s in scenes])
