@@ -170,3 +170,47 @@ def test_shipped_decoder_reconstructs_and_decodes_true_embeddings():
     assert out.shape == (n, 64, 64, 3)
     drawn = judge_scores(out, scenes[:n])
     assert drawn["colour"].mean() >= ORACLE_COLOUR and drawn["shape"].mean() >= ORACLE_SHAPE, drawn
+
+
+def test_unet_learning_rate_follows_its_stages():
+    from eclipse_prior.shapes.decoder import unet_learning_rate
+
+    cfg = DecoderConfig(unet_lr=8e-4, unet_lr_final=2e-4, unet_lr_drop_at=100, unet_warmup=10, unet_steps=300,
+                        unet_lr_decay_from=200, unet_lr_end=2e-5)
+    assert unet_learning_rate(cfg, 0) == pytest.approx(8e-4 / 10)  # warmup: (step + 1) / warmup
+    assert unet_learning_rate(cfg, 50) == pytest.approx(8e-4)
+    assert unet_learning_rate(cfg, 100) == pytest.approx(2e-4)
+    assert unet_learning_rate(cfg, 199) == pytest.approx(2e-4)
+    assert unet_learning_rate(cfg, 250) == pytest.approx(2e-4 + (2e-5 - 2e-4) * 0.5)  # linear tail
+    assert unet_learning_rate(cfg, 300) == pytest.approx(2e-5)
+    # without a tail the rate stays at unet_lr_final, so extending unet_steps leaves earlier steps unchanged
+    flat = DecoderConfig(unet_lr_drop_at=100, unet_warmup=10, unet_steps=300)
+    assert unet_learning_rate(flat, 299) == pytest.approx(flat.unet_lr_final)
+    assert [unet_learning_rate(cfg, s) for s in range(200)] == [
+        unet_learning_rate(DecoderConfig(**{**cfg.__dict__, "unet_steps": 900}), s) for s in range(200)
+    ]
+
+
+@SHIPPED
+def test_oracle_check_judges_every_row_against_its_own_scenes(tmp_path):
+    import json
+
+    from eclipse_prior.shapes.decoder import load_vision_model, oracle_check
+
+    embed_dim = load_vision_model(DEFAULT_DECODER_DIR.parent / "clip").config.projection_dim
+    torch.manual_seed(0)
+    out = save_decoder(tmp_path / "decoder", build_unet(TINY, embed_dim).eval(), build_movq(TINY).eval())
+    (out / "build.json").write_text(json.dumps({"config": {"seed": 3}}))
+    judged: list[tuple[int, list]] = []
+
+    def judge(images: np.ndarray, scenes: list) -> dict[str, np.ndarray]:
+        judged.append((len(images), list(scenes)))
+        return {"colour": np.arange(len(scenes), dtype=float)}
+
+    report = oracle_check(out, judge_score=judge, n_per_category=1, num_inference_steps=2, out_dir=tmp_path / "c")
+    assert list(report["rows"]) == ["truth", "autoencoder", "oracle", "text", "oracle_training_scenes"]
+    assert all(n == 6 for n, _ in judged)
+    assert judged[0][1] == judged[1][1] == judged[2][1] == judged[3][1]
+    assert judged[4][1] == render_scenes(6, 3 + 2)[1]  # the first pool scenes of a decoder built with seed 3
+    assert report["rows"]["oracle"]["colour"] == pytest.approx(2.5)  # the mean of what the judge returned
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"oracle.png", "oracle_training_scenes.png"}

@@ -72,6 +72,10 @@ class DecoderConfig:
     unet_lr: float = 8e-4
     unet_lr_final: float = field(default=2.5e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
     unet_lr_drop_at: int = 11_000
+    unet_lr_decay_from: int | None = field(
+        default=None, metadata={"help": "step from which the rate falls linearly to unet_lr_end (None: never)"}
+    )
+    unet_lr_end: float = 2.5e-5
     unet_warmup: int = 100
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
@@ -319,6 +323,19 @@ def unet_loss(
     return (per * min_snr_weights(scheduler, t, snr_gamma)).mean()
 
 
+def unet_learning_rate(cfg: DecoderConfig, step: int) -> float:
+    """Warmup, ``unet_lr`` until ``unet_lr_drop_at``, ``unet_lr_final``, then an optional linear tail.
+
+    The tail starts at ``unet_lr_decay_from`` so a run extended by resuming follows the same schedule as a
+    fresh run with the extended config.
+    """
+    lr = cfg.unet_lr if step < cfg.unet_lr_drop_at else cfg.unet_lr_final
+    if cfg.unet_lr_decay_from is not None and step >= cfg.unet_lr_decay_from:
+        frac = (step - cfg.unet_lr_decay_from) / max(1, cfg.unet_steps - cfg.unet_lr_decay_from)
+        lr = cfg.unet_lr_final + (cfg.unet_lr_end - cfg.unet_lr_final) * frac
+    return lr * min(1.0, (step + 1) / cfg.unet_warmup)
+
+
 def train_unet(
     cfg: DecoderConfig,
     work_dir: Path,
@@ -350,8 +367,7 @@ def train_unet(
     end = min(cfg.unet_steps, stop_at if stop_at is not None else cfg.unet_steps)
     while step < end:
         idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=gen)
-        lr = cfg.unet_lr if step < cfg.unet_lr_drop_at else cfg.unet_lr_final
-        lr *= min(1.0, (step + 1) / cfg.unet_warmup)
+        lr = unet_learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -623,7 +639,9 @@ def oracle_check(
 
     ``judge_score(images, scenes)`` returns per-image scores keyed by criterion (e.g. colour, shape); the
     default is the shapes judge. The modality gap shows as text-embedding decodes failing where oracle ones pass.
-    The ``autoencoder`` row judges movq reconstructions of the renders, the ceiling any UNet could reach.
+    The ``autoencoder`` row judges movq reconstructions of the renders, the ceiling any UNet could reach;
+    ``oracle_training_scenes`` (when the decoder folder has its ``build.json``) decodes as many of the UNet's
+    own training scenes: far above ``oracle`` means memorised, level with it means under-fitted.
     Writes ``oracle.png``/``text.png`` grids and ``oracle_check.json`` to ``out_dir`` when given.
     """
     from eclipse_prior.encoders.clip import load_clip
@@ -644,20 +662,31 @@ def oracle_check(
     pipe = load_decoder_pipeline(decoder_path)
     report: dict = {"n_per_category": n_per_category, "seed": seed, "steps": num_inference_steps,
                     "guidance": guidance_scale, "rows": {}}
-    decoded = {}
     with torch.no_grad():
         latents = pipe.movq.encode(to_model_pixels(truth)).latents
         reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample)
-    for name, emb in (("truth", None), ("autoencoder", None), ("oracle", image_embeds), ("text", text_embeds)):
-        if name == "truth":
-            images = truth
-        elif name == "autoencoder":  # the movq round trip alone: the ceiling any UNet could reach
-            images = reconstructed
-        else:
-            images = decode_embeds(pipe, emb, negative, num_inference_steps, guidance_scale, seed)
-        decoded[name] = images
-        scores = judge_score(images, scenes)
-        cats = np.array([s.category for s in scenes])
+    rows: dict[str, tuple[Callable[[], np.ndarray], list[Scene]]] = {
+        "truth": (lambda: truth, scenes),
+        "autoencoder": (lambda: reconstructed, scenes),  # the movq round trip: the ceiling any UNet could reach
+        "oracle": (lambda: decode_embeds(pipe, image_embeds, negative, num_inference_steps, guidance_scale, seed),
+                   scenes),
+        "text": (lambda: decode_embeds(pipe, text_embeds, negative, num_inference_steps, guidance_scale, seed),
+                 scenes),
+    }
+    build_json = Path(decoder_path or DEFAULT_DECODER_DIR) / "build.json"
+    if build_json.exists():  # oracle decodes of the UNet's own training scenes: the generalisation gap
+        pool_seed = json.loads(build_json.read_text())["config"]["seed"] + 2  # as in render_pool
+        train_images, train_scenes = render_scenes(len(scenes), pool_seed)
+        rows["oracle_training_scenes"] = (
+            lambda: decode_embeds(pipe, clip_image_embeds(vision, train_images), negative, num_inference_steps,
+                                  guidance_scale, seed),
+            train_scenes,
+        )
+    decoded = {}
+    for name, (make_images, row_scenes) in rows.items():
+        decoded[name] = images = make_images()
+        scores = judge_score(images, row_scenes)
+        cats = np.array([s.category for s in row_scenes])
         row = {k: float(np.mean(v)) for k, v in scores.items()}
         row["per_category"] = {
             c: {k: float(np.mean(np.asarray(v)[cats == c])) for k, v in scores.items()} for c in CATEGORIES
