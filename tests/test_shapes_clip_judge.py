@@ -200,3 +200,39 @@ def test_clip_training_resumes_exactly(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_saved_clip_loads_back_as_its_fp16_weights(tmp_path):
+    from eclipse_prior.encoders.clip import load_clip
+    from eclipse_prior.shapes.clip_train import save_clip
+
+    cfg = ClipTrainConfig(steps=1, batch_size=4, pool_size=8, vision_width=32, vision_layers=1, text_layers=1,
+                          patch_size=16, warmup=1)
+    model = train_clip(cfg, tmp_path / "work", lambda _: None)
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "stale.bin").write_text("from an earlier build")
+    out = save_clip(model, tmp_path / "clip")
+    assert not (out / "stale.bin").exists()  # the folder is replaced whole
+    loaded = load_clip(str(out), local_files_only=True)
+    assert next(model.parameters()).dtype == torch.float32  # saving leaves the caller's model in fp32
+    saved = loaded.text_model.state_dict() | loaded.vision_model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k != "logit_scale"}
+    assert saved.keys() >= expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key].float(), value.half().float(), rtol=0, atol=0, msg=key)
+    assert loaded.tokenize(["a red circle"])["input_ids"].shape[1] == MAX_LENGTH
+
+
+def test_build_judge_writes_a_loadable_fp16_judge_with_its_metrics(tmp_path):
+    import json
+
+    from eclipse_prior.shapes.judge import JudgeTrainConfig, build_judge
+
+    cfg = JudgeTrainConfig(steps=2, batch_size=4, pool_size=8, checkpoint_every=1)
+    metrics = build_judge(tmp_path / "judge", tmp_path / "work", cfg, log=lambda _: None)
+    written = json.loads((tmp_path / "judge" / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    loaded = load_judge(tmp_path / "judge")
+    with safe_open(str(tmp_path / "judge" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} - {torch.int64} == {torch.float16}  # int: BN counters
+    assert set(loaded.read(np.stack([render_array(sample_scene(np.random.default_rng(0), "shape"))]))[0]) == set(HEADS)

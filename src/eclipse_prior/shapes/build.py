@@ -19,8 +19,6 @@ interrupted.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from eclipse_prior.shapes.benchmark import (
     require,
     train_spec,
 )
+from eclipse_prior.shapes.checkpoint import replacing_dir
 from eclipse_prior.shapes.holdout import load_holdout
 
 PARTS: tuple[str, ...] = ("clip", "judge", "decoder", "prior")
@@ -65,12 +64,8 @@ def build_prior(
     run = train_spec(spec, store, work / "runs" / spec.name, cfg, clip_tau(clip_dir), log)
     prior = load_run_prior(run).to(torch.float16)
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    prior.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replacing_dir(out) as tmp:
+        prior.save_pretrained(tmp, safe_serialization=True)
     return out
 
 

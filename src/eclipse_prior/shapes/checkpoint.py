@@ -2,17 +2,39 @@
 
 Weights, optimiser moments, RNG state and an EMA copy go in one file, replaced atomically, so a build killed
 at any moment resumes exactly (no pickle: the optimiser's param groups travel as JSON in the header).
+:func:`replacing_dir` does the same for a finished model folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def replacing_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it replaces ``out`` whole, on error ``out`` is untouched."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_state(

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from eclipse_prior.shapes.captions import caption, composition, scene_keys
-from eclipse_prior.shapes.checkpoint import load_state, save_state
+from eclipse_prior.shapes.checkpoint import load_state, replacing_dir, save_state
 from eclipse_prior.shapes.judge import HEADS, scene_labels
 from eclipse_prior.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 from eclipse_prior.shapes.world import (
@@ -392,11 +392,11 @@ def _swap(scene: Scene, category: str) -> Scene:
 def save_clip(model: CLIPModel, out_dir: str | Path) -> Path:
     """Save the model as fp16 safetensors with its tokenizer and image processor (loadable by load_clip)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    model.to(torch.float32)
-    build_tokenizer().save_pretrained(out)
-    build_image_processor().save_pretrained(out)
+    with replacing_dir(out) as tmp:
+        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        model.to(torch.float32)
+        build_tokenizer().save_pretrained(tmp)
+        build_image_processor().save_pretrained(tmp)
     return out
 
 

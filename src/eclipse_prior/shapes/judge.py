@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from eclipse_prior.shapes.captions import Composition, ObjectDesc
-from eclipse_prior.shapes.checkpoint import load_state, save_state
+from eclipse_prior.shapes.checkpoint import load_state, replacing_dir, save_state
 from eclipse_prior.shapes.world import (
     CATEGORIES,
     COLOURS,
@@ -321,9 +321,10 @@ def build_judge(
     metrics = evaluate_judge(model)
     metrics["train_seconds"] = train_s
     out = Path(out_dir)
-    model.to(torch.float16).save_pretrained(out)
-    model.to(torch.float32)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with replacing_dir(out) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
+        model.to(torch.float32)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(json.dumps(metrics, indent=2))
     return metrics
 
