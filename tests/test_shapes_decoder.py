@@ -141,9 +141,9 @@ def test_shipped_decoder_was_trained_on_the_shipped_clip():
     assert build["clip_sha256"] == hashlib.sha256(clip_weights.read_bytes()).hexdigest()
 
 
-# Below the shipped decoder's scores on this 12-scene, 10-step sample (colour .83, shape .67; build.json, 96 scenes
-# at 20 steps: .78 / .70), far above decodes of raw text embeddings (.12 / .25 there).
-ORACLE_COLOUR, ORACLE_SHAPE = 0.6, 0.45
+# Below the shipped decoder's scores on this 12-scene, 10-step sample at its guidance 3 (colour 1.0, shape .83;
+# build.json, 96 scenes at 20 steps: .92 / .76), far above decodes of raw text embeddings (.17 / .18 there).
+ORACLE_COLOUR, ORACLE_SHAPE = 0.75, 0.6
 
 
 @SHIPPED
@@ -166,7 +166,7 @@ def test_shipped_decoder_reconstructs_and_decodes_true_embeddings():
     vision = load_vision_model(DEFAULT_DECODER_DIR.parent / "clip")
     n = 12
     out = decode_embeds(pipe, clip_image_embeds(vision, images[:n]), zero_image_embed(vision),
-                        num_inference_steps=10, guidance_scale=4.0)
+                        num_inference_steps=10, guidance_scale=3.0)
     assert out.shape == (n, 64, 64, 3)
     drawn = judge_scores(out, scenes[:n])
     assert drawn["colour"].mean() >= ORACLE_COLOUR and drawn["shape"].mean() >= ORACLE_SHAPE, drawn

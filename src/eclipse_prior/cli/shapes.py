@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--train-size", type=int, default=None, help="training pairs of the main comparison")
     m.add_argument("--decode-per-cell", type=int, default=None, help="decoded captions per category and split")
     m.add_argument("--decoder-steps", type=int, default=None, help="decoder denoising steps for the judge part")
+    m.add_argument("--decoder-guidance", type=float, default=None, help="decoder guidance scale for the judge part")
     m.add_argument("--no-ablations", action="store_true", help="skip the ablations")
     m.add_argument("--no-judge", action="store_true", help="skip decoding and the judge (embedding metrics only)")
     m.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
@@ -60,6 +61,7 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
         "holdout_file": args.holdout_file, "seeds": args.seeds, "clip": args.clip, "decoder": args.decoder,
         "judge": args.judge, "steps": args.steps, "train_size": args.train_size, "threads": args.threads,
         "decode_per_cell": args.decode_per_cell, "decoder_steps": args.decoder_steps,
+        "decoder_guidance": args.decoder_guidance,
     }
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")

@@ -144,7 +144,7 @@ class BenchmarkConfig:
     bank_renders: int = 16
     decode_per_cell: int = 8
     decoder_steps: int = 25
-    decoder_guidance: float = 4.0
+    decoder_guidance: float = 3.0
     ablations: bool = True
     ablation_seeds: int = 3
     judge_part: bool = True

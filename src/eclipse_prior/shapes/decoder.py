@@ -67,13 +67,13 @@ class DecoderConfig:
     unet_attention_levels: tuple[int, ...] = field(default=(2,), metadata={"help": "levels with cross-attention"})
     unet_layers_per_block: int = 1
     attention_head_dim: int = 32
-    unet_steps: int = 20_000
+    unet_steps: int = 60_000
     unet_batch_size: int = 16
     unet_lr: float = 8e-4
     unet_lr_final: float = field(default=2.5e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
     unet_lr_drop_at: int = 11_000
     unet_lr_decay_from: int | None = field(
-        default=None, metadata={"help": "step from which the rate falls linearly to unet_lr_end (None: never)"}
+        default=45_000, metadata={"help": "step from which the rate falls linearly to unet_lr_end (None: never)"}
     )
     unet_lr_end: float = 2.5e-5
     unet_warmup: int = 100
@@ -601,8 +601,9 @@ def build_decoder(
     this project's 2-core CPU (1 thread per stage, bf16 autocast; the autoencoder stages ran beside the CLIP
     build, each on its own core): autoencoder 5000 steps at batch 16, 2.75 step/s (30 min); decoder-only
     fine-tuning 2000 steps at ~2.2 step/s (15 min); pool of 30k renders, their CLIP embeddings and latents
-    (~5 min); UNet 20k steps at batch 16, 4.5 step/s on 1 thread and 6.2 on 2 (64 min). Run in sequence by
-    ``shapes build --part decoder``: about 1 h 55 min. A GPU would take minutes (not measured: none at hand).
+    (~5 min); UNet 60k steps at batch 16, 4.5 step/s on 1 thread and ~6 on 2 (3 h 2 min: 20k steps in a first
+    build, then resumed exactly with the schedule extended to 60k and its linear tail). Run in sequence by
+    ``shapes build --part decoder``: about 3 h 50 min. A GPU would take minutes (not measured: none at hand).
     """
     cfg = config or DecoderConfig()
     torch.set_num_threads(cfg.threads)
