@@ -56,3 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     except (EclipsePriorError, FileNotFoundError, PermissionError) as err:
         print(f"eclipse-prior {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a launched run's process group before the interpreter exits.
+
+    The trainer leaves it up (later calls in one process reuse it); left to interpreter shutdown, gloo's
+    threads occasionally abort the process ("terminate called without an active exception") after the run
+    has finished and saved, which launchers then report as a failure.
+    """
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
