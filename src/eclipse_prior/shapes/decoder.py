@@ -666,26 +666,21 @@ def oracle_check(
     with torch.no_grad():
         latents = pipe.movq.encode(to_model_pixels(truth)).latents
         reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample)
-    rows: dict[str, tuple[Callable[[], np.ndarray], list[Scene]]] = {
-        "truth": (lambda: truth, scenes),
-        "autoencoder": (lambda: reconstructed, scenes),  # the movq round trip: the ceiling any UNet could reach
-        "oracle": (lambda: decode_embeds(pipe, image_embeds, negative, num_inference_steps, guidance_scale, seed),
-                   scenes),
-        "text": (lambda: decode_embeds(pipe, text_embeds, negative, num_inference_steps, guidance_scale, seed),
-                 scenes),
+    rows: dict[str, tuple[np.ndarray, list[Scene]]] = {
+        "truth": (truth, scenes),
+        "autoencoder": (reconstructed, scenes),  # the movq round trip: the ceiling any UNet could reach
+        "oracle": (decode_embeds(pipe, image_embeds, negative, num_inference_steps, guidance_scale, seed), scenes),
+        "text": (decode_embeds(pipe, text_embeds, negative, num_inference_steps, guidance_scale, seed), scenes),
     }
     build_json = Path(decoder_path or DEFAULT_DECODER_DIR) / "build.json"
     if build_json.exists():  # oracle decodes of the UNet's own training scenes: the generalisation gap
         pool_seed = json.loads(build_json.read_text())["config"]["seed"] + 2  # as in render_pool
         train_images, train_scenes = render_scenes(len(scenes), pool_seed)
+        train_embeds = clip_image_embeds(vision, train_images)
         rows["oracle_training_scenes"] = (
-            lambda: decode_embeds(pipe, clip_image_embeds(vision, train_images), negative, num_inference_steps,
-                                  guidance_scale, seed),
-            train_scenes,
+            decode_embeds(pipe, train_embeds, negative, num_inference_steps, guidance_scale, seed), train_scenes
         )
-    decoded = {}
-    for name, (make_images, row_scenes) in rows.items():
-        decoded[name] = images = make_images()
+    for name, (images, row_scenes) in rows.items():
         scores = judge_score(images, row_scenes)
         cats = np.array([s.category for s in row_scenes])
         row = {k: float(np.mean(v)) for k, v in scores.items()}
@@ -698,7 +693,7 @@ def oracle_check(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for name, images in decoded.items():
+        for name, (images, _) in rows.items():
             save_grid(images, out / f"{name}.png", columns=n_per_category)
         (out / "captions.txt").write_text("\n".join(captions) + "\n")
         (out / "oracle_check.json").write_text(json.dumps(report, indent=2) + "\n")
