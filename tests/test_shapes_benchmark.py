@@ -122,6 +122,15 @@ def test_unknown_build_part_is_a_config_error(tmp_path):
         build(["clip", "unet"], tmp_path)
 
 
+@pytest.mark.parametrize("field, value", [("decoder_guidance", -3.0), ("decoder_guidance", 0.5),
+                                          ("decoder_steps", 0), ("decode_per_cell", 0), ("seeds", 0)])
+def test_benchmark_config_rejects_unusable_settings(tmp_path, field, value):
+    cfg = BenchmarkConfig(out=str(tmp_path), **{field: value})
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        cfg.check()
+    BenchmarkConfig(out=str(tmp_path)).check()  # the defaults pass
+
+
 @needs_clip
 def test_build_prior_writes_a_loadable_fp16_eclipse_prior(tmp_path):
     from eclipse_prior.models import EclipsePrior, load_prior

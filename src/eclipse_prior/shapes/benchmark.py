@@ -166,6 +166,10 @@ class BenchmarkConfig:
         """Reject settings the statistics or the protocol cannot work with."""
         if self.seeds < 1 or self.steps < 1 or self.train_size < 1:
             raise ConfigError("--seeds, steps and train size must be >= 1")
+        if self.decoder_steps < 1 or self.decode_per_cell < 1:
+            raise ConfigError("--decoder-steps and --decode-per-cell must be >= 1")
+        if self.decoder_guidance < 1:
+            raise ConfigError(f"--decoder-guidance must be >= 1 (1 = no guidance), got {self.decoder_guidance:g}")
         if self.train_size not in self.train_sizes:
             self.train_sizes = tuple(sorted({*self.train_sizes, self.train_size}))
 
