@@ -1,4 +1,4 @@
-"""`eclipse-prior shapes build|benchmark`: thin CLI over eclipse_prior.shapes.build and .benchmark."""
+"""`eclipse-prior shapes build|benchmark|readout`: thin CLI over eclipse_prior.shapes.build, .benchmark, .readout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from eclipse_prior.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `shapes` with its `build` and `benchmark` subcommands."""
+    """Add `shapes` with its `build`, `benchmark` and `readout` subcommands."""
     p = subparsers.add_parser("shapes", help="the offline shapes world: rebuild its weights, run its benchmark")
     sub = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -40,6 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=run_benchmark_cmd)
+
+    r = sub.add_parser("readout", help="how well each object's attributes can be read from the CLIP image embedding")
+    r.add_argument("--clip", default=None, help="shapes CLIP folder (default: shipped)")
+    r.add_argument("--train", type=int, nargs="+", default=[27_000], help="probe training-set sizes")
+    r.add_argument("--test", type=int, default=3000, help="held-out scenes every probe is scored on")
+    r.add_argument("--hidden", type=int, nargs="+", default=[0, 512], help="probe widths (0: linear)")
+    r.add_argument("--steps", type=int, default=4000, help="probe training steps (batch 256)")
+    r.add_argument("--out", default=None, help="also write the JSON here")
+    r.set_defaults(func=run_readout)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -75,4 +84,22 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
     results = run_benchmark(cfg, progress=not args.no_progress)
     print(f"wrote {cfg.out}/results.json, results.md and plots in {time.time() - t0:.0f}s")
     print(f"tau {results['tau']}; timings {json.dumps(results['timings'])}")
+    return 0
+
+
+def run_readout(args: argparse.Namespace) -> int:
+    """Probe the CLIP image embedding and print per-attribute read-out accuracy as JSON."""
+    from pathlib import Path
+
+    from eclipse_prior.shapes.benchmark import require, shipped
+    from eclipse_prior.shapes.readout import probe_clip
+
+    if min(args.train) < 1 or args.test < 1 or args.steps < 1 or min(args.hidden) < 0:
+        raise ConfigError("--train, --test and --steps must be >= 1, --hidden >= 0")
+    clip = require(Path(args.clip) if args.clip else shipped("clip"), "clip")
+    report = probe_clip(clip, n_train=args.train, n_test=args.test, hidden=args.hidden, steps=args.steps)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
     return 0
