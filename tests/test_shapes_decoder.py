@@ -10,10 +10,14 @@ from diffusers import KandinskyV22Pipeline
 from eclipse_prior.shapes.decoder import (
     DEFAULT_DECODER_DIR,
     DecoderConfig,
+    build_decoder,
     build_movq,
     build_scheduler,
     build_unet,
     decode_embeds,
+    final_attention_levels,
+    grow_attention,
+    grow_learning_rate,
     load_decoder_pipeline,
     movq_loss,
     render_scenes,
@@ -28,7 +32,10 @@ from eclipse_prior.shapes.decoder import (
 TINY = DecoderConfig(
     movq_channels=(8, 8, 16), latent_channels=4, unet_channels=(16, 32), unet_attention_levels=(1,),
     attention_head_dim=8, movq_batch_size=4, unet_batch_size=4, checkpoint_every_s=0.0, pool_size=16,
+    grow_steps=0,
 )
+GROWN = DecoderConfig(**{**TINY.__dict__, "unet_attention_levels": (1,), "grow_attention_levels": (0,),
+                         "unet_steps": 3, "grow_steps": 3, "grow_lr_decay_from": 1})
 EMBED = 8
 
 
@@ -124,6 +131,48 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
     assert not all(torch.equal(a_unet[k], half_unet[k]) for k in a_unet)
 
 
+def test_grown_unet_starts_as_the_first_stage_unet():
+    torch.manual_seed(0)
+    first = build_unet(GROWN, EMBED)
+    for p in first.parameters():  # make every block matter, as after training
+        p.data.normal_(0, 0.05)
+    grown, state = grow_attention(GROWN, first.state_dict(), EMBED)
+    assert final_attention_levels(GROWN) == (0, 1)
+    assert grown.config.down_block_types == ("SimpleCrossAttnDownBlock2D",) * 2
+    new = [k for k in state if k.startswith("down_blocks.0.attentions.")]
+    assert new and all(torch.equal(state[k], grown.state_dict()[k]) for k in state)
+    x, t, e = torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 900]), torch.randn(3, EMBED)
+    with torch.no_grad():
+        a = first.eval()(x, t, None, added_cond_kwargs={"image_embeds": e}).sample
+        b = grown.eval()(x, t, None, added_cond_kwargs={"image_embeds": e}).sample
+    assert torch.allclose(a, b, atol=1e-5)
+    # the new blocks are not inert: their output projection is zero but trainable, so a step changes the output
+    grown.train()
+    grown(x, t, None, added_cond_kwargs={"image_embeds": e}).sample.square().mean().backward()
+    assert grown.down_blocks[0].attentions[0].to_out[0].weight.grad.abs().sum() > 0
+
+
+def test_growth_stage_resumes_exactly_across_the_stage_boundary(tmp_path):
+    latents, embeds, null = torch.randn(8, 4, 8, 8), torch.randn(8, EMBED), torch.zeros(1, EMBED)
+    log = lambda m: None  # noqa: E731
+    whole = train_unet(GROWN, tmp_path / "a", latents, embeds, null, log)
+    assert whole.config.down_block_types == ("SimpleCrossAttnDownBlock2D",) * 2
+    first = train_unet(GROWN, tmp_path / "b", latents, embeds, null, log, stop_at=3)  # first stage only
+    assert first.config.down_block_types[0] == "ResnetDownsampleBlock2D"
+    train_unet(GROWN, tmp_path / "b", latents, embeds, null, log, stop_at=5)  # grows, stops inside the stage
+    resumed = train_unet(GROWN, tmp_path / "b", latents, embeds, null, log)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grow_learning_rate_counts_from_the_stage_start():
+    cfg = DecoderConfig(grow_lr=2e-4, grow_steps=100, grow_lr_decay_from=60, unet_lr_end=2e-5, unet_warmup=10)
+    assert grow_learning_rate(cfg, 0) == pytest.approx(2e-4 / 10)
+    assert grow_learning_rate(cfg, 59) == pytest.approx(2e-4)
+    assert grow_learning_rate(cfg, 80) == pytest.approx(2e-4 + (2e-5 - 2e-4) * 0.5)
+    assert grow_learning_rate(cfg, 100) == pytest.approx(2e-5)
+
+
 SHIPPED = pytest.mark.skipif(
     not (DEFAULT_DECODER_DIR / "unet" / "config.json").exists()
     or not (DEFAULT_DECODER_DIR.parent / "clip" / "config.json").exists(),
@@ -214,3 +263,61 @@ def test_oracle_check_judges_every_row_against_its_own_scenes(tmp_path):
     assert judged[4][1] == render_scenes(6, 3 + 2)[1]  # the first pool scenes of a decoder built with seed 3
     assert report["rows"]["oracle"]["colour"] == pytest.approx(2.5)  # the mean of what the judge returned
     assert {p.name for p in (tmp_path / "c").iterdir()} >= {"oracle.png", "oracle_training_scenes.png"}
+
+
+@SHIPPED
+def test_build_decoder_trains_saves_qualifies_and_resumes(tmp_path):
+    import json
+
+    cfg = DecoderConfig(**{**GROWN.__dict__, "movq_steps": 2, "movq_decoder_steps": 2, "pool_size": 16})
+    clip = DEFAULT_DECODER_DIR.parent / "clip"
+    out, work = tmp_path / "decoder", tmp_path / "work"
+    log = lambda m: None  # noqa: E731
+    build_decoder(out, clip, work, cfg, log=log, qualify_per_category=1)
+    build = json.loads((out / "build.json").read_text())
+    assert build["config"]["grow_steps"] == 3 and len(build["clip_sha256"]) == 64
+    assert set(build["stage_seconds"]) == {"movq", "pool", "unet", "movq_decoder", "qualify"}
+    sweep = build["decoder_guidance_sweep"]
+    assert list(sweep["oracle"]) == ["2", "3", "4", "5"]
+    score = {g: v["colour"] + v["shape"] for g, v in sweep["oracle"].items()}
+    assert score[f"{sweep['chosen']:g}"] == max(score.values())
+    assert build["oracle_check"]["guidance"] == sweep["chosen"]
+    truth = build["oracle_check"]["truth"]
+    assert truth["colour"] == truth["shape"] == 1.0  # the judge on the renders themselves
+    unet = load_decoder_pipeline(out).unet
+    assert list(unet.config.down_block_types) == ["SimpleCrossAttnDownBlock2D"] * 2  # the grown architecture
+    # a second run resumes every stage: nothing is retrained, the shipped weights are the same
+    before = _weights(unet)
+    build_decoder(out, clip, work, cfg, log=log, qualify_per_category=1)
+    after = _weights(load_decoder_pipeline(out).unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = json.loads((out / "build.json").read_text())["stage_seconds"]
+    assert again["qualify"] > build["stage_seconds"]["qualify"]  # wall time adds up over runs
+
+
+def test_qualify_decoder_picks_the_validation_argmax_and_checks_on_other_scenes(tmp_path):
+    import json
+
+    from eclipse_prior.shapes.decoder import load_vision_model, qualify_decoder
+
+    if not (DEFAULT_DECODER_DIR.parent / "clip" / "config.json").exists():
+        pytest.skip("shipped CLIP not built")
+    clip = DEFAULT_DECODER_DIR.parent / "clip"
+    embed_dim = load_vision_model(clip).config.projection_dim
+    torch.manual_seed(0)
+    out = save_decoder(tmp_path / "decoder", build_unet(TINY, embed_dim).eval(), build_movq(TINY).eval())
+    (out / "build.json").write_text(json.dumps({"config": {"seed": 0}}))
+    seen: list[list] = []
+
+    def brightness_judge(images: np.ndarray, scenes: list) -> dict[str, np.ndarray]:
+        seen.append(list(scenes))
+        level = images.reshape(len(images), -1).mean(axis=1) / 255.0
+        return {"colour": level, "shape": level}
+
+    q = qualify_decoder(out, clip, guidances=(1.0, 6.0), n_per_category=1, judge_score=brightness_judge, log=lambda m: None)
+    sweep = q["decoder_guidance_sweep"]["oracle"]
+    assert sweep["1"] != sweep["6"]  # guidance changes the decodes
+    best = max((1.0, 6.0), key=lambda g: sweep[f"{g:g}"]["colour"])
+    assert q["decoder_guidance_sweep"]["chosen"] == best == q["oracle_check"]["guidance"]
+    # five judged rows per oracle check (truth first): both sweep runs on the validation scenes, the check on others
+    assert len(seen) == 15 and seen[0] == seen[5] and seen[0] != seen[10]
