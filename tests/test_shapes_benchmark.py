@@ -115,6 +115,36 @@ def test_cell_means_by_category_and_split():
     assert cells["all/seen"] == pytest.approx(values[seen].mean())
 
 
+def test_build_config_file_sets_each_parts_config(tmp_path):
+    from eclipse_prior.shapes.build import part_configs
+    from eclipse_prior.shapes.clip_train import ClipTrainConfig
+    from eclipse_prior.shapes.decoder import DecoderConfig
+
+    path = tmp_path / "build.yaml"
+    path.write_text("decoder:\n  grow_steps: 30000\n  grow_attention_levels: [0, 1]\nclip:\n  attribute_weight: 4\n")
+    configs = part_configs(path)
+    assert set(configs) == {"decoder", "clip"}
+    assert configs["decoder"] == DecoderConfig(grow_steps=30000, grow_attention_levels=(0, 1))
+    assert configs["clip"] == ClipTrainConfig(attribute_weight=4.0)
+    for text, message in (("prior:\n  lam: 0.1\n", "unknown section"), ("decoder:\n  grow_step: 1\n", "grow_step"),
+                          ("decoder:\n  grow_steps: many\n", "integer"), ("decoder: 3\n", "mapping"),
+                          ("decoder: [\n", "not valid YAML")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            part_configs(path)
+
+
+def test_build_cli_reports_a_bad_config_file_in_one_line(tmp_path, capsys):
+    from eclipse_prior.cli import main
+
+    path = tmp_path / "build.yaml"
+    path.write_text("decoder:\n  grow_step: 1\n")
+    assert main(["shapes", "build", "--part", "decoder", "--config", str(path), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown field(s)" in err and "grow_step" in err and "\n" not in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_build_part_is_a_config_error(tmp_path):
     from eclipse_prior.shapes.build import build
 

@@ -62,16 +62,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, yaml_path
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of field: value")
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise ConfigError(f"unknown field(s) in {path}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        values.update(loaded)
+        values.update(check_fields(cls, load_yaml_mapping(yaml_path), str(yaml_path)))
     if args is not None:
         for name in names:
             value = getattr(args, name, None)
@@ -79,6 +70,38 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, yaml_path
                 values[name] = value
     hints = typing.get_type_hints(cls)
     return cls(**{name: _check_value(name, value, hints[name]) for name, value in values.items()})
+
+
+def load_yaml_mapping(yaml_path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds (an empty file is an empty mapping), or a one-line ConfigError."""
+    path = Path(yaml_path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    return loaded
+
+
+def check_fields(cls: type, values: Any, source: str) -> dict[str, Any]:
+    """``values`` if it is a mapping of ``cls``'s field names, else a one-line ConfigError naming ``source``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must hold a mapping of field: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in {source}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return values
+
+
+def config_from_mapping(cls: type[T], values: Any, source: str) -> T:
+    """A config of ``cls`` from defaults overridden by a mapping (a YAML section), type-checked per field."""
+    hints = typing.get_type_hints(cls)
+    checked = check_fields(cls, values, source)
+    return cls(**{name: _check_value(name, value, hints[name]) for name, value in checked.items()})
 
 
 def _check_value(name: str, value: Any, annotation: Any) -> Any:

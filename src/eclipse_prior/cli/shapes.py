@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which part to rebuild (default all; decoder and prior need clip)")
     b.add_argument("--out", default=None, help="weights folder (default: the package's shapes/weights)")
     b.add_argument("--work", default=None, help="resumable work folder (default: ./shapes-build-work)")
+    b.add_argument("--config", default=None,
+                   help="YAML with optional clip/judge/decoder sections of config fields (default: the shipped build)")
     b.set_defaults(func=run_build)
 
     m = sub.add_parser("benchmark", help="ECLIPSE vs Projection vs Diffusion-Baseline on held-out compositions")
@@ -54,10 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Rebuild the requested parts and print the seconds each took."""
     from eclipse_prior.shapes.benchmark import WEIGHTS_DIR
-    from eclipse_prior.shapes.build import PARTS, build
+    from eclipse_prior.shapes.build import PARTS, build, part_configs
 
     parts = PARTS if args.part == "all" else (args.part,)
-    seconds = build(parts, args.out or WEIGHTS_DIR, args.work)
+    configs = part_configs(args.config) if args.config else None
+    seconds = build(parts, args.out or WEIGHTS_DIR, args.work, configs=configs)
     print(json.dumps({"seconds": seconds}))
     return 0
 

@@ -14,7 +14,7 @@ the benchmark's ECLIPSE row describes it.
 Runtimes measured on this project's 2-core CPU (GPU not measured: no GPU was at hand): clip 45-60 min, judge
 ~32 min, decoder ~3 h 50 min (autoencoder 30 min, its decoder fine-tuning 15 min, latent pool 5 min, UNet 60k
 steps 3 h 2 min), prior ~25 s. Each part resumes from its work folder (``--work``, default ``./shapes-build-work``) when
-interrupted.
+interrupted. ``--config F`` (:func:`part_configs`) overrides the clip, judge and decoder configs from a YAML file.
 """
 
 from __future__ import annotations
@@ -69,13 +69,35 @@ def build_prior(
     return out
 
 
+def part_configs(yaml_path: str | Path) -> dict[str, Any]:
+    """``shapes build --config F``: a YAML mapping with optional ``clip``, ``judge`` and ``decoder`` sections, each
+    a mapping of that part's config fields (``ClipTrainConfig``, ``JudgeTrainConfig``, ``DecoderConfig``)."""
+    from eclipse_prior.config import config_from_mapping, load_yaml_mapping
+    from eclipse_prior.shapes.clip_train import ClipTrainConfig
+    from eclipse_prior.shapes.decoder import DecoderConfig
+    from eclipse_prior.shapes.judge import JudgeTrainConfig
+
+    classes = {"clip": ClipTrainConfig, "judge": JudgeTrainConfig, "decoder": DecoderConfig}
+    sections = load_yaml_mapping(yaml_path)
+    unknown = sorted(set(sections) - set(classes))
+    if unknown:
+        raise ConfigError(f"unknown section(s) in {yaml_path}: {', '.join(unknown)} (known: clip, judge, decoder)")
+    return {part: config_from_mapping(classes[part], values or {}, f"{yaml_path} section {part!r}")
+            for part, values in sections.items()}
+
+
 def build(
     parts: Sequence[str] = PARTS,
     out_dir: str | Path = WEIGHTS_DIR,
     work_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    configs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the given parts in order (clip before decoder and prior); returns seconds per part."""
+    """Rebuild the given parts in order (clip before decoder and prior); returns seconds per part.
+
+    ``configs`` maps a part (clip, judge, decoder) to its config (default: that config's defaults, the shipped build).
+    """
+    configs = configs or {}
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ConfigError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)} or all")
@@ -90,15 +112,16 @@ def build(
         if part == "clip":
             from eclipse_prior.shapes.clip_train import build_clip
 
-            build_clip(out / "clip", work_dir=work / "clip", log=log)
+            build_clip(out / "clip", work_dir=work / "clip", config=configs.get("clip"), log=log)
         elif part == "judge":
             from eclipse_prior.shapes.judge import build_judge
 
-            build_judge(out / "judge", work_dir=work / "judge", log=log)
+            build_judge(out / "judge", work_dir=work / "judge", config=configs.get("judge"), log=log)
         elif part == "decoder":
             from eclipse_prior.shapes.decoder import build_decoder
 
-            build_decoder(out / "decoder", clip_path=out / "clip", work_dir=work / "decoder", log=log)
+            build_decoder(out / "decoder", clip_path=out / "clip", work_dir=work / "decoder",
+                          config=configs.get("decoder"), log=log)
         else:
             build_prior(out / "prior", out / "clip", work / "prior", log=log)
         seconds[part] = round(time.time() - t0, 1)
