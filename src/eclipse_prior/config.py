@@ -68,8 +68,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, yaml_path
             value = getattr(args, name, None)
             if value is not None:
                 values[name] = value
-    hints = typing.get_type_hints(cls)
-    return cls(**{name: _check_value(name, value, hints[name]) for name, value in values.items()})
+    return config_from_mapping(cls, values, str(yaml_path) if yaml_path is not None else "flags")
 
 
 def load_yaml_mapping(yaml_path: str | Path) -> dict[str, Any]:

@@ -12,8 +12,8 @@ the CLIP, pooled text embedding, the same low-data training set with the held-ou
 the benchmark's ECLIPSE row describes it.
 
 Runtimes measured on this project's 2-core CPU (GPU not measured: no GPU was at hand): clip 45-60 min, judge
-~32 min, decoder ~3 h 50 min (autoencoder 30 min, its decoder fine-tuning 15 min, latent pool 5 min, UNet 60k
-steps 3 h 2 min), prior ~25 s. Each part resumes from its work folder (``--work``, default ``./shapes-build-work``) when
+~32 min, decoder ~3 h 55 min (autoencoder 30 min, its decoder fine-tuning 15 min, latent pool 5 min, UNet 60k
+steps 3 h 2 min, qualification ~5 min), prior ~25 s. Each part resumes from its work folder (``--work``, default ``./shapes-build-work``) when
 interrupted. ``--config F`` (:func:`part_configs`) overrides the clip, judge and decoder configs from a YAML file.
 """
 

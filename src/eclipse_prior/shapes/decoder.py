@@ -45,7 +45,7 @@ from diffusers.utils import logging as dlogging
 from safetensors.torch import load_file, save_file
 
 from eclipse_prior.errors import ModelNotFoundError
-from eclipse_prior.shapes.checkpoint import load_state, save_state
+from eclipse_prior.shapes.checkpoint import load_state, save_state, write_json
 from eclipse_prior.shapes.world import BACKGROUND, CATEGORIES, Scene, render_array, sample_scene
 
 IMAGE_SIZE = 64
@@ -723,10 +723,10 @@ def build_decoder(
     save_decoder(out, unet, timed("movq_decoder", lambda: finetune_movq_decoder(cfg, work, log, resume)))
     clip_sha256 = hashlib.sha256((clip_dir / "model.safetensors").read_bytes()).hexdigest()
     build = {"config": asdict(cfg), "clip_sha256": clip_sha256, "stage_seconds": timed.seconds()}
-    _write_build_json(out, build)  # oracle_check reads the config (the pool's seed) from it
+    write_json(out / "build.json", build)  # oracle_check reads the config (the pool's seed) from it
     build.update(timed("qualify", lambda: qualify_decoder(out, clip_dir, n_per_category=qualify_per_category, log=log)))
     build["stage_seconds"] = timed.seconds()
-    _write_build_json(out, build)
+    write_json(out / "build.json", build)
     return out
 
 
@@ -744,16 +744,8 @@ class _StageClock:
         result = run()
         totals = self.seconds()
         totals[stage] = round(totals.get(stage, 0.0) + time.time() - t0, 1)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(totals, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, totals)
         return result
-
-
-def _write_build_json(out: Path, build: dict) -> None:
-    tmp = out / "build.json.tmp"
-    tmp.write_text(json.dumps(build, indent=2) + "\n")
-    os.replace(tmp, out / "build.json")
 
 
 # -------------------------------------------------------------------------------------------- quality
