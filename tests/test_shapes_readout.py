@@ -57,7 +57,7 @@ def test_readout_cli_probes_the_shipped_clip(tmp_path, capsys):
 
     if not (shipped("clip") / "config.json").exists():
         pytest.skip("shipped CLIP not built")
-    out = tmp_path / "readout.json"
+    out = tmp_path / "new" / "readout.json"  # its folder does not exist yet
     assert main(["shapes", "readout", "--train", "300", "--test", "200", "--hidden", "0", "--steps", "300",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())

@@ -100,6 +100,8 @@ def run_readout(args: argparse.Namespace) -> int:
     if min(args.train) < 1 or args.test < 1 or args.steps < 1 or min(args.hidden) < 0:
         raise ConfigError("--train, --test and --steps must be >= 1, --hidden >= 0")
     clip = require(Path(args.clip) if args.clip else shipped("clip"), "clip")
+    if args.out:  # a missing folder must not lose minutes of probing at the end
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = probe_clip(clip, n_train=args.train, n_test=args.test, hidden=args.hidden, steps=args.steps)
     text = json.dumps(report, indent=2)
     if args.out:
