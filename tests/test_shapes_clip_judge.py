@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,15 @@ def test_clip_training_resumes_exactly(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_clip_batches_built_by_loader_workers_train_the_same_model(tmp_path):
+    cfg = ClipTrainConfig(steps=3, batch_size=8, pool_size=16, vision_width=32, vision_layers=1, text_layers=1,
+                          patch_size=16, warmup=1, seed=4)
+    inline = train_clip(cfg, tmp_path / "inline", lambda _: None).state_dict()
+    loaded = train_clip(replace(cfg, loader_workers=2), tmp_path / "workers", lambda _: None).state_dict()
+    for key in inline:
+        torch.testing.assert_close(loaded[key], inline[key], rtol=0, atol=0, msg=key)
 
 
 def test_saved_clip_loads_back_as_its_fp16_weights(tmp_path):

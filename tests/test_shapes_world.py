@@ -34,7 +34,7 @@ from eclipse_prior.shapes import (
     write_image_folder,
     write_webdataset,
 )
-from eclipse_prior.shapes.world import BACKGROUND
+from eclipse_prior.shapes.world import BACKGROUND, render_arrays
 
 
 def test_same_seed_same_pixels_and_different_seed_differs():
@@ -46,6 +46,14 @@ def test_same_seed_same_pixels_and_different_seed_differs():
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
     assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+
+
+def test_parallel_rendering_gives_the_serial_pixels():
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(600)]
+    parallel = render_arrays(scenes, workers=2)  # two chunks of 512 and 88, in two processes
+    assert parallel.shape == (600, 64, 64, 3)
+    assert np.array_equal(parallel, np.stack([render_array(s) for s in scenes]))
 
 
 def _single(colour="red", shape="circle", texture="solid", size="big") -> np.ndarray:

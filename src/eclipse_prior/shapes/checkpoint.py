@@ -56,15 +56,15 @@ def save_state(
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         for key, value in module.state_dict().items():
-            tensors[f"model.{name}.{key}"] = value.detach().contiguous()
+            tensors[f"model.{name}.{key}"] = value.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     for key, value in (ema or {}).items():
-        tensors[f"ema.{key}"] = value.contiguous()
+        tensors[f"ema.{key}"] = value.cpu().contiguous()
     if generator is not None:
-        tensors["rng"] = generator.get_state()
+        tensors["rng"] = generator.get_state().cpu()
     header = {"meta": json.dumps(meta), "param_groups": json.dumps(opt["param_groups"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -55,6 +55,7 @@ from eclipse_prior.shapes.world import (
     Scene,
     distinguishable,
     render_array,
+    render_arrays,
     sample_scene,
 )
 
@@ -88,6 +89,12 @@ class ClipTrainConfig:
     checkpoint_every: int = 100
     #: One thread is ~5x faster than two when the 2 cores are shared with other jobs (no OpenMP stalls).
     threads: int = 1
+    #: Torch device of the training run ("cpu", "cuda", ...); bf16 autocast applies on either.
+    device: str = "cpu"
+    #: Processes rendering the pool (:func:`~eclipse_prior.shapes.world.render_arrays`).
+    render_workers: int = 1
+    #: DataLoader processes building batches (captions, tokens) ahead of the training step; 0 builds them inline.
+    loader_workers: int = 0
 
 
 def build_image_processor():
@@ -137,8 +144,8 @@ def build_clip_model(cfg: ClipTrainConfig, vocab_size: int) -> CLIPModel:
 def pixels_from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float, identical to the saved image processor."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -239,6 +246,31 @@ def twin(scene: Scene, rng: np.random.Generator) -> Scene:
     return sample_scene(rng, scene.category)
 
 
+class _Batches(torch.utils.data.Dataset):
+    """The training batch of each step (a function of the step alone, so resuming is exact), as uint8/int tensors.
+
+    A Dataset so a DataLoader can build batches in worker processes while the GPU trains (``loader_workers``).
+    """
+
+    def __init__(self, pool: _Pool, tokenizer, cfg: ClipTrainConfig, steps: range):
+        self.pool, self.tokenizer, self.cfg, self.steps = pool, tokenizer, cfg, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        cfg, pool = self.cfg, self.pool
+        rng = np.random.default_rng((cfg.seed + 1, self.steps[i]))
+        pairs = rng.choice(len(pool.scenes) // 2, size=cfg.batch_size // 2, replace=False)
+        idx = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+        texts = [caption(pool.scenes[j], rng) for j in idx]
+        tokens = self.tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "images": torch.from_numpy(pool.images[idx]), "positives": pool.positives(idx),
+                **pool.attribute_labels(idx)}
+
+
 def _render_pool(cfg: ClipTrainConfig, work: Path, log: Callable[[str], None]) -> _Pool:
     rng = np.random.default_rng(cfg.seed)
     scenes: list[Scene] = []
@@ -250,7 +282,7 @@ def _render_pool(cfg: ClipTrainConfig, work: Path, log: Callable[[str], None]) -
         images = np.load(cache)
     else:
         t0 = time.time()
-        images = np.stack([render_array(s) for s in scenes])
+        images = render_arrays(scenes, workers=cfg.render_workers)
         np.save(work / "pool.tmp.npy", images)
         os.replace(work / "pool.tmp.npy", cache)
         log(f"rendered {len(scenes)} pool scenes in {time.time() - t0:.0f}s")
@@ -275,9 +307,10 @@ def train_clip(
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
-    model = build_clip_model(cfg, len(tokenizer))
+    device = torch.device(cfg.device)
+    model = build_clip_model(cfg, len(tokenizer)).to(device)
     model.logit_scale.requires_grad_(False)
-    heads = AttributeHeads(EMBED_DIM)
+    heads = AttributeHeads(EMBED_DIM).to(device)
     pool = _render_pool(cfg, work, log)
     params = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -295,25 +328,24 @@ def train_clip(
     torch.set_num_threads(cfg.threads)
     t0, seen = time.time(), 0
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    for step in range(start, end):
-        rng = np.random.default_rng((cfg.seed + 1, step))  # a function of the step: resuming is exact
-        pairs = rng.choice(len(pool.scenes) // 2, size=cfg.batch_size // 2, replace=False)
-        idx = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
-        texts = [caption(pool.scenes[i], rng) for i in idx]
-        tokens = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                           return_tensors="pt")
-        pixels = pixels_from_uint8(pool.images[idx])
-        positives = pool.positives(idx)
+    batches = torch.utils.data.DataLoader(
+        _Batches(pool, tokenizer, cfg, range(start, end)), batch_size=None, num_workers=cfg.loader_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=8 if cfg.loader_workers else None,
+    )
+    for step, batch in zip(range(start, end), batches, strict=True):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        tokens, positives = {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["positives"]
+        pixels = pixels_from_uint8(batch["images"])
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             text, image = _embed(model, tokens, pixels)
         text, image = F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)
         logits = cfg.logit_scale * text @ image.T
         contrastive = 0.5 * (multi_positive_infonce(logits, positives)
                              + multi_positive_infonce(logits.T, positives.T))
         gap = (text * image).sum(-1).mean()
-        attributes = heads.loss(image, pool.attribute_labels(idx))
+        attributes = heads.loss(image, {name: batch[name] for name in HEADS})
         loss = contrastive + cfg.gap_weight * (gap - cfg.gap_target) ** 2 + cfg.attribute_weight * attributes
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,15 +353,14 @@ def train_clip(
         opt.step()
         seen += 1
         if (step + 1) % 25 == 0 or step == start:
-            hit = positives[torch.arange(len(idx)), logits.argmax(1)].float().mean().item()
+            hit = positives[torch.arange(len(logits), device=device), logits.argmax(1)].float().mean().item()
             rate = seen / (time.time() - t0)
             log(f"step {step + 1}/{cfg.steps} loss {contrastive.item():.3f} attributes {attributes.item():.3f} "
                 f"matching-cos {gap.item():.3f} "
                 f"batch-top1 {hit:.2f} lr {_lr_at(step, cfg):.2e} {rate:.2f} it/s")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_state(ckpt, {"clip": model, "heads": heads}, opt, None, {"step": step + 1, "config": asdict(cfg)})
-    model.eval()
-    return model
+    return model.cpu().eval()
 
 
 @torch.no_grad()

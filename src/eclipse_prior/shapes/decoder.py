@@ -46,7 +46,14 @@ from safetensors.torch import load_file, save_file
 
 from eclipse_prior.errors import ModelNotFoundError
 from eclipse_prior.shapes.checkpoint import load_state, save_state, write_json
-from eclipse_prior.shapes.world import BACKGROUND, CATEGORIES, Scene, render_array, sample_scene
+from eclipse_prior.shapes.world import (
+    BACKGROUND,
+    CATEGORIES,
+    Scene,
+    render_array,
+    render_arrays,
+    sample_scene,
+)
 
 IMAGE_SIZE = 64
 _T = TypeVar("_T")
@@ -95,6 +102,8 @@ class DecoderConfig:
     bf16: bool = True
     threads: int = 1
     checkpoint_every_s: float = 180.0
+    device: str = field(default="cpu", metadata={"help": "torch device of the pool, UNet and qualification stages"})
+    render_workers: int = field(default=1, metadata={"help": "processes rendering the pools"})
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -181,11 +190,11 @@ def build_scheduler() -> DDPMScheduler:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def render_scenes(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
+def render_scenes(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, list[Scene]]:
     """``n`` seeded scenes drawn evenly over every caption category, rendered to (n, 64, 64, 3) uint8."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(n)]
-    return np.stack([render_array(s, IMAGE_SIZE) for s in scenes]), scenes
+    return render_arrays(scenes, IMAGE_SIZE, workers), scenes
 
 
 def to_model_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -207,8 +216,8 @@ def clip_image_embeds(vision_model: torch.nn.Module, images: np.ndarray, batch_s
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            pixels = pixels_from_uint8(images[i : i + batch_size]).to(vision_model.dtype)
-            out.append(vision_model(pixel_values=pixels).image_embeds.float())
+            pixels = pixels_from_uint8(images[i : i + batch_size]).to(vision_model.device, vision_model.dtype)
+            out.append(vision_model(pixel_values=pixels).image_embeds.float().cpu())
     return torch.cat(out)
 
 
@@ -216,8 +225,8 @@ def zero_image_embed(vision_model: torch.nn.Module) -> torch.Tensor:
     """(1, E) embedding of all-zero ``pixel_values``: the negative embedding of Kandinsky's pipelines."""
     size = int(vision_model.config.image_size)
     with torch.inference_mode():
-        zero = torch.zeros(1, 3, size, size, dtype=vision_model.dtype)
-        return vision_model(pixel_values=zero).image_embeds.float()
+        zero = torch.zeros(1, 3, size, size, dtype=vision_model.dtype, device=vision_model.device)
+        return vision_model(pixel_values=zero).image_embeds.float().cpu()
 
 
 def load_vision_model(clip_path: str | Path) -> torch.nn.Module:
@@ -317,7 +326,7 @@ def standardize_latents(movq: VQModel, pixels: torch.Tensor) -> tuple[torch.Tens
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for v-prediction (Hang et al. 2023): min(SNR, gamma) / (SNR + 1)."""
-    alphas = scheduler.alphas_cumprod[timesteps]
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1 - alphas)
     return torch.clamp(snr, max=gamma) / (snr + 1)
 
@@ -334,9 +343,10 @@ def unet_loss(
 ) -> torch.Tensor:
     """DDPM v-prediction loss on the first half of the UNet output, with condition dropout to ``null_embed``."""
     b, c = latents.shape[:2]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    drop = torch.rand(b, generator=generator) < cond_dropout
+    device = generator.device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    drop = torch.rand(b, generator=generator, device=device) < cond_dropout
     cond = torch.where(drop[:, None], null_embed.expand_as(embeds), embeds)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": cond}).sample[:, :c]
@@ -409,17 +419,19 @@ def train_unet(
     checkpoint.
     """
     torch.manual_seed(cfg.seed + 1)
+    device = torch.device(cfg.device)
+    latents, embeds, null_embed = latents.to(device), embeds.to(device), null_embed.to(device)
     embed_dim = embeds.shape[1]
-    unet = build_unet(cfg, embed_dim)
+    unet = build_unet(cfg, embed_dim).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     base, grown = work_dir / "unet.safetensors", work_dir / "unet-grown.safetensors"
     total = cfg.unet_steps + cfg.grow_steps
     stop = total if stop_at is None else min(stop_at, total)
     step = 0
     if resume and grown.exists() and cfg.grow_steps > 0:
-        unet = build_unet(cfg, embed_dim, final_attention_levels(cfg))
+        unet = build_unet(cfg, embed_dim, final_attention_levels(cfg)).to(device)
         ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.grow_lr, weight_decay=0.0)
         step = load_state(grown, {"unet": unet}, opt, gen, ema)["step"]
@@ -432,6 +444,8 @@ def train_unet(
                            min(stop, cfg.unet_steps), lambda s: unet_learning_rate(cfg, s), log, on_checkpoint)
         if step < stop:
             unet, grown_ema = grow_attention(cfg, unet.state_dict(), embed_dim)
+            unet.to(device)
+            grown_ema = {k: v.to(device) for k, v in grown_ema.items()}
             grown_ema.update(ema)  # the new blocks' averages start at their (zero-output) initial values
             ema = grown_ema
             opt = torch.optim.AdamW(unet.parameters(), lr=cfg.grow_lr, weight_decay=0.0)
@@ -460,14 +474,16 @@ def _unet_steps(
     latents, embeds, null_embed = pool
     scheduler = build_scheduler()
     params = dict(unet.named_parameters())
+    averaged = [ema[k] for k in params if k in ema]
+    live = [p for k, p in params.items() if k in ema]
     total = cfg.unet_steps + cfg.grow_steps
     t_last, t0, first = time.time(), time.time(), step
     while step < end:
-        idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=gen)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=gen, device=gen.device)
         lr = learning_rate(step)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(gen.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = unet_loss(
                 unet, scheduler, latents[idx].float(), embeds[idx].float(), null_embed, gen,
                 cfg.cond_dropout, cfg.snr_gamma,
@@ -479,9 +495,7 @@ def _unet_steps(
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for key, value in ema.items():
-                if key in params:
-                    value.lerp_(params[key].detach(), 1 - decay)
+            torch._foreach_lerp_(averaged, [p.detach() for p in live], 1 - decay)
         if step % 25 == 0:
             rate = (step - first) / (time.time() - t0)
             log(f"unet step {step}/{total} loss {loss.item():.4f} lr {lr:.2e} {rate:.2f} step/s")
@@ -595,7 +609,7 @@ def render_pool(cfg: DecoderConfig, work: Path) -> np.ndarray:
         images = load_file(str(path))["images"].numpy()
         if len(images) >= cfg.pool_size:  # scenes are drawn in sequence: a prefix is a smaller pool
             return images[: cfg.pool_size]
-    images, _ = render_scenes(cfg.pool_size, cfg.seed + 2)
+    images, _ = render_scenes(cfg.pool_size, cfg.seed + 2, cfg.render_workers)
     work.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"images": torch.from_numpy(images)}, str(tmp))
@@ -614,12 +628,15 @@ def latent_pool(
             return pool
     t0 = time.time()
     images = render_pool(cfg, work)
+    device = torch.device(cfg.device)
+    vision_model, movq = vision_model.to(device), movq.to(device)
     embeds = clip_image_embeds(vision_model, images)
     with torch.inference_mode():
-        pixels = to_model_pixels(images)
-        latents = torch.cat([movq.encode(pixels[i : i + 256]).latents for i in range(0, len(pixels), 256)])
+        latents = torch.cat([movq.encode(to_model_pixels(images[i : i + 256]).to(device)).latents.cpu()
+                             for i in range(0, len(images), 256)])
     pool = {"latents": latents.to(torch.float16).contiguous(), "embeds": embeds.contiguous(),
             "null": zero_image_embed(vision_model)}
+    vision_model.cpu(), movq.cpu()
     tmp = path.with_name(path.name + ".tmp")
     save_file(pool, str(tmp))
     os.replace(tmp, path)
@@ -724,7 +741,8 @@ def build_decoder(
     clip_sha256 = hashlib.sha256((clip_dir / "model.safetensors").read_bytes()).hexdigest()
     build = {"config": asdict(cfg), "clip_sha256": clip_sha256, "stage_seconds": timed.seconds()}
     write_json(out / "build.json", build)  # oracle_check reads the config (the pool's seed) from it
-    build.update(timed("qualify", lambda: qualify_decoder(out, clip_dir, n_per_category=qualify_per_category, log=log)))
+    build.update(timed("qualify", lambda: qualify_decoder(out, clip_dir, n_per_category=qualify_per_category, log=log,
+                                                          device=cfg.device)))
     build["stage_seconds"] = timed.seconds()
     write_json(out / "build.json", build)
     return out
@@ -760,6 +778,7 @@ def oracle_check(
     num_inference_steps: int = 50,
     guidance_scale: float = 4.0,
     out_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Decode true CLIP image embeddings ("oracle") and raw CLIP text embeddings of seeded scenes; judge both.
 
@@ -768,7 +787,8 @@ def oracle_check(
     The ``autoencoder`` row judges movq reconstructions of the renders, the ceiling any UNet could reach;
     ``oracle_training_scenes`` (when the decoder folder has its ``build.json``) decodes as many of the UNet's
     own training scenes: far above ``oracle`` means memorised, level with it means under-fitted.
-    Writes ``oracle.png``/``text.png`` grids and ``oracle_check.json`` to ``out_dir`` when given.
+    Writes ``oracle.png``/``text.png`` grids and ``oracle_check.json`` to ``out_dir`` when given. ``device``
+    runs the decoder pipeline there (embeddings and the judge stay on the CPU).
     """
     from eclipse_prior.encoders.clip import load_clip
     from eclipse_prior.shapes.captions import caption
@@ -785,12 +805,12 @@ def oracle_check(
     image_embeds = clip_image_embeds(vision, truth)
     text_embeds = clip.encode_text(captions)["text_embeds"].float()
     negative = zero_image_embed(vision)
-    pipe = load_decoder_pipeline(decoder_path)
+    pipe = load_decoder_pipeline(decoder_path).to(device)
     report: dict = {"n_per_category": n_per_category, "seed": seed, "steps": num_inference_steps,
                     "guidance": guidance_scale, "rows": {}}
     with torch.no_grad():
-        latents = pipe.movq.encode(to_model_pixels(truth)).latents
-        reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample)
+        latents = pipe.movq.encode(to_model_pixels(truth).to(device)).latents
+        reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample.cpu())
     rows: dict[str, tuple[np.ndarray, list[Scene]]] = {
         "truth": (truth, scenes),
         "autoencoder": (reconstructed, scenes),  # the movq round trip: the ceiling any UNet could reach
@@ -833,6 +853,7 @@ def qualify_decoder(
     n_per_category: int = 16,
     judge_score: Callable[[np.ndarray, Sequence[Scene]], dict[str, np.ndarray]] | None = None,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict:
     """Choose the decoder guidance on validation scenes, then measure the quality gate on test scenes with it.
 
@@ -845,12 +866,12 @@ def qualify_decoder(
     sweep = {}
     for g in guidances:
         report = oracle_check(decoder_path, clip_path, judge_score, n_per_category, seed=validation_seed,
-                              num_inference_steps=25, guidance_scale=g)
+                              num_inference_steps=25, guidance_scale=g, device=device)
         sweep[g] = brief(report["rows"]["oracle"])
         log(f"decoder guidance {g:g} on validation scenes: {sweep[g]}")
     best = max(sweep, key=lambda g: sweep[g]["colour"] + sweep[g]["shape"])
     report = oracle_check(decoder_path, clip_path, judge_score, n_per_category, num_inference_steps=20,
-                          guidance_scale=best)
+                          guidance_scale=best, device=device)
     rows = {name: brief(row) for name, row in report["rows"].items()}
     log(f"oracle check at guidance {best:g}: {rows['oracle']}")
     return {

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eclipse_prior.shapes.judge import ATTRIBUTES, HEADS, scene_labels
-from eclipse_prior.shapes.world import CATEGORIES, Scene, render_array, sample_scene
+from eclipse_prior.shapes.world import CATEGORIES, Scene, render_arrays, sample_scene
 
 
 def readout_accuracy(
@@ -94,10 +94,12 @@ def probe_clip(
     hidden: Sequence[int] = (0, 512),
     steps: int = 4000,
     seed: int = 2,
+    workers: int = 1,
 ) -> dict:
     """Render ``max(n_train) + n_test`` seeded scenes (all categories in turn), embed them, probe them.
 
     Every probe is scored on the same last ``n_test`` scenes; ``n_train`` values use the first that many.
+    ``workers`` processes render the scenes.
     """
     from eclipse_prior.shapes.decoder import clip_image_embeds, load_vision_model
 
@@ -105,10 +107,7 @@ def probe_clip(
     total = max(n_train) + n_test
     scenes = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(total)]
     vision = load_vision_model(clip_path)
-    embeds = torch.cat([
-        clip_image_embeds(vision, np.stack([render_array(s) for s in scenes[i : i + 1024]]))
-        for i in range(0, total, 1024)
-    ])
+    embeds = clip_image_embeds(vision, render_arrays(scenes, workers=workers))
     test = slice(total - n_test, total)
     out: dict = {"n_test": n_test, "seed": seed, "steps": steps, "probes": []}
     for width in hidden:

@@ -9,7 +9,7 @@ Rendering draws at 4x resolution and box-downsamples (cheap anti-aliasing).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,6 +310,25 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     """Render a scene to a uint8 (size, size, 3) array."""
     return np.asarray(render(scene, size), dtype=np.uint8)
+
+
+def render_arrays(scenes: Sequence[Scene], size: int = 64, workers: int = 1) -> np.ndarray:
+    """Render scenes to (N, size, size, 3) uint8, over ``workers`` processes when > 1 (same pixels either way).
+
+    Rendering is pure Python/PIL at ~600 scenes/s per core: pools of 10^5 scenes for a GPU build need the cores.
+    """
+    if workers <= 1 or len(scenes) < 4 * workers:
+        return np.stack([render_array(s, size) for s in scenes])
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        chunks = pool.map(_render_chunk, [(scenes[i : i + 512], size) for i in range(0, len(scenes), 512)])
+    return np.concatenate(chunks)
+
+
+def _render_chunk(args: tuple[Sequence[Scene], int]) -> np.ndarray:
+    scenes, size = args
+    return np.stack([render_array(s, size) for s in scenes])
 
 
 def scene_to_dict(scene: Scene) -> dict:
