@@ -66,5 +66,6 @@ def test_readout_cli_probes_the_shipped_clip(tmp_path, capsys):
     assert probe["hidden"] == 0 and probe["n_train"] == 300
     acc = probe["accuracy"]
     assert set(acc) == {"colour", "shape", "texture", "size"}
-    # the shipped CLIP carries colour and size linearly (300 examples: 0.84 / 0.96 measured; chance 1/8 and 1/2)
-    assert acc["colour"]["all"] > 0.5 and acc["size"]["all"] > 0.75, acc
+    # the shipped CLIP carries colour, size and shape linearly (300 examples: 0.96 / 0.995 / 0.81 measured; chance
+    # 1/8, 1/2 and 1/6 for one object, less for two)
+    assert acc["colour"]["all"] > 0.8 and acc["size"]["all"] > 0.9 and acc["shape"]["all"] > 0.6, acc

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--work", default=None, help="resumable work folder (default: ./shapes-build-work)")
     b.add_argument("--config", default=None,
                    help="YAML with optional clip/judge/decoder sections of config fields (default: the shipped build)")
+    b.add_argument("--device", default=None, help="torch device of the clip and decoder builds (e.g. cuda)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes rendering pools and building CLIP batches (default 1: inline)")
     b.set_defaults(func=run_build)
 
     m = sub.add_parser("benchmark", help="ECLIPSE vs Projection vs Diffusion-Baseline on held-out compositions")
@@ -59,10 +62,40 @@ def run_build(args: argparse.Namespace) -> int:
     from eclipse_prior.shapes.build import PARTS, build, part_configs
 
     parts = PARTS if args.part == "all" else (args.part,)
-    configs = part_configs(args.config) if args.config else None
+    configs = part_configs(args.config) if args.config else {}
+    if args.device is not None or args.workers is not None:
+        configs.update(_placement(configs, args.device, args.workers))
     seconds = build(parts, args.out or WEIGHTS_DIR, args.work, configs=configs)
     print(json.dumps({"seconds": seconds}))
     return 0
+
+
+def _placement(configs: dict, device: str | None, workers: int | None) -> dict:
+    """The clip and decoder configs with ``--device`` / ``--workers`` applied (one-line errors when unusable)."""
+    import dataclasses
+
+    import torch
+
+    from eclipse_prior.shapes.clip_train import ClipTrainConfig
+    from eclipse_prior.shapes.decoder import DecoderConfig
+
+    changes: dict = {}
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as err:
+            raise ConfigError(f"--device {device!r}: {err}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is visible here")
+        changes["device"] = device
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        changes["render_workers"] = workers
+    clip = dataclasses.replace(configs.get("clip") or ClipTrainConfig(), **changes)
+    if workers is not None:
+        clip = dataclasses.replace(clip, loader_workers=workers if workers > 1 else 0)
+    return {"clip": clip, "decoder": dataclasses.replace(configs.get("decoder") or DecoderConfig(), **changes)}
 
 
 def run_benchmark_cmd(args: argparse.Namespace) -> int:

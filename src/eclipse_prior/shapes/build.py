@@ -11,10 +11,13 @@ The shipped prior is the shapes benchmark's ECLIPSE configuration at seed 0 (sma
 the CLIP, pooled text embedding, the same low-data training set with the held-out compositions withheld), so
 the benchmark's ECLIPSE row describes it.
 
-Runtimes measured on this project's 2-core CPU (GPU not measured: no GPU was at hand): clip 45-60 min, judge
-~32 min, decoder ~3 h 55 min (autoencoder 30 min, its decoder fine-tuning 15 min, latent pool 5 min, UNet 60k
-steps 3 h 2 min, qualification ~5 min), prior ~25 s. Each part resumes from its work folder (``--work``, default ``./shapes-build-work``) when
-interrupted. ``--config F`` (:func:`part_configs`) overrides the clip, judge and decoder configs from a YAML file.
+Runtimes of the shipped build: clip 134 s and decoder ~5.5 min (pool of 200k renders 87 s, UNet 4000 steps at
+batch 512 229 s, qualification 14 s; autoencoder reused) on one H200 with ``--device cuda --workers 16``
+(``scripts/shapes_gpu_build.py`` ran it); judge ~32 min and prior ~20 s on this project's 2-core CPU. The
+clip and decoder configs on that CPU, from timed steps (1 thread beside another job): clip ~1 h 45 min
+(0.39 step/s), UNet ~5.5 h (0.20 step/s), plus the autoencoder stages, 45 min. Each part resumes from its work
+folder (``--work``, default ``./shapes-build-work``) when interrupted. ``--config F`` (:func:`part_configs`)
+overrides the clip, judge and decoder configs from a YAML file.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ It plays Kandinsky 2.2's decoder for the offline world: diffusers ``KandinskyV22
   ``prediction_type="v_prediction"``, ``variance_type="fixed_small"``); the pipeline also accepts a
   ``DDIMScheduler`` built from this config.
 
-Training is CPU-bound and resumable: :func:`build_decoder` runs the stages (autoencoder, latent/embedding pool,
-UNet) each checkpointing atomically (one safetensors file with weights, optimiser state, RNG state and a JSON
-header), so an interrupted build resumes where it stopped. :func:`oracle_check` measures the quality gate:
-decodes of true CLIP image embeddings versus raw CLIP text embeddings, scored by the judge.
+Training runs on the CPU or a GPU (``DecoderConfig.device``) and is resumable: :func:`build_decoder` runs the
+stages (autoencoder, latent/embedding pool, UNet) each checkpointing atomically (one safetensors file with weights,
+optimiser state, RNG state and a JSON header), so an interrupted build resumes where it stopped.
+:func:`oracle_check` measures the quality gate: decodes of true CLIP image embeddings versus raw CLIP text
+embeddings, scored by the judge.
 """
 
 from __future__ import annotations
@@ -72,20 +73,21 @@ class DecoderConfig:
     movq_lr: float = 2e-3
     movq_latent_noise: float = field(default=0.1, metadata={"help": "latent noise (x latent std) in AE training"})
     movq_decoder_steps: int = field(default=2000, metadata={"help": "decoder-only fine-tuning, latents fixed"})
+    movq_pool_size: int = field(default=10_000, metadata={"help": "renders the autoencoder stages train on"})
     unet_channels: tuple[int, ...] = (64, 96, 96)
     unet_attention_levels: tuple[int, ...] = field(default=(2,), metadata={"help": "levels with cross-attention"})
     unet_layers_per_block: int = 1
     attention_head_dim: int = 32
-    unet_steps: int = 60_000
-    unet_batch_size: int = 16
-    unet_lr: float = 8e-4
-    unet_lr_final: float = field(default=2.5e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
-    unet_lr_drop_at: int = 11_000
+    unet_steps: int = 4000
+    unet_batch_size: int = 512
+    unet_lr: float = 1e-3
+    unet_lr_final: float = field(default=4e-4, metadata={"help": "learning rate after unet_lr_drop_at"})
+    unet_lr_drop_at: int = 1600
     unet_lr_decay_from: int | None = field(
-        default=45_000, metadata={"help": "step from which the rate falls linearly to unet_lr_end (None: never)"}
+        default=2800, metadata={"help": "step from which the rate falls linearly to unet_lr_end (None: never)"}
     )
     unet_lr_end: float = 2.5e-5
-    unet_warmup: int = 100
+    unet_warmup: int = 200
     grow_attention_levels: tuple[int, ...] = field(
         default=(1,), metadata={"help": "levels given cross-attention (zero-initialised) after unet_steps"}
     )
@@ -96,8 +98,8 @@ class DecoderConfig:
     )
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
-    ema_decay: float = 0.995
-    pool_size: int = 30_000
+    ema_decay: float = 0.998
+    pool_size: int = 200_000
     seed: int = 0
     bf16: bool = True
     threads: int = 1
@@ -649,7 +651,7 @@ def prepare_movq(cfg: DecoderConfig, work: Path, log: Callable[[str], None] = pr
     movq_dir = work / "movq-final"
     if resume and (movq_dir / "config.json").exists():
         return VQModel.from_pretrained(movq_dir, use_safetensors=True).eval()
-    images, _ = render_scenes(max(4 * cfg.movq_batch_size, cfg.pool_size // 3), cfg.seed)
+    images, _ = render_scenes(max(4 * cfg.movq_batch_size, cfg.movq_pool_size), cfg.seed)
     movq = train_movq(cfg, work, images, log, resume)
     mean, std = standardize_latents(movq, to_model_pixels(images[:2048]))
     log(f"movq: folded latent mean {mean.tolist()} std {std.tolist()}")
@@ -680,7 +682,7 @@ def finetune_movq_decoder(
     if resume and ckpt.exists():
         step = load_state(ckpt, {"movq": movq}, opt, gen)["step"]
         log(f"movq decoder: resumed at step {step}")
-    pixels = to_model_pixels(render_scenes(max(4 * cfg.movq_batch_size, cfg.pool_size // 3), cfg.seed + 4)[0])
+    pixels = to_model_pixels(render_scenes(max(4 * cfg.movq_batch_size, cfg.movq_pool_size), cfg.seed + 4)[0])
     t_last, t0, first = time.time(), time.time(), step
     while step < cfg.movq_decoder_steps:
         idx = torch.randint(0, len(pixels), (cfg.movq_batch_size,), generator=gen)
@@ -715,16 +717,19 @@ def build_decoder(
 
     Every stage resumes from ``work_dir`` (default: ``<out_dir>-work``), where ``stage_seconds.json`` adds up each
     stage's wall time over resumed runs. ``build.json`` records the config, the CLIP's sha256, those seconds, the
-    guidance sweep and the oracle check. Runtime of the shipped build measured on this project's 2-core CPU
-    (bf16 autocast; the autoencoder stages ran beside the CLIP build, each on its own core): autoencoder 5000 steps
-    at batch 16, 2.75 step/s (30 min); decoder-only fine-tuning 2000 steps at ~2.2 step/s (15 min); pool of 30k
-    renders, their CLIP embeddings and latents (~5 min); UNet 60k steps at batch 16, 4.5 step/s on 1 thread and
-    ~6 on 2 (3 h 2 min); qualification ~5 min (2 threads). A GPU would take minutes (not measured: none at hand).
+    guidance sweep and the oracle check. ``cfg.device`` runs the pool, UNet and qualification stages there (the
+    autoencoder stages stay on the CPU).
 
-    The shipped build has no growth stage (``grow_steps=0``). Measured: growing cross-attention at the 8x8 level
-    onto the shipped 60k-step UNet and training 30k more steps (``grow_steps=30_000``, 7115 s) did not move the
-    oracle scores (test scenes colour/shape 0.93/0.72 vs 0.92/0.76; validation 0.95/0.82 vs 0.91/0.84, guidance 3),
-    so it was not shipped: the CLIP embedding, not the UNet, limits shape (:mod:`eclipse_prior.shapes.readout`).
+    Runtime of the shipped build (``weights/decoder/build.json``): on one H200 (``device="cuda"``, 16 rendering
+    processes), pool of 200k renders with their CLIP embeddings and latents 87 s, UNet 4000 steps at batch 512
+    (~17 step/s) 229 s, qualification 28 s. Its autoencoder is the previous CPU build's (5000 steps at batch 16,
+    2.75 step/s, 30 min; decoder-only fine-tuning 2000 steps, 15 min, on this project's 2-core CPU). The UNet at
+    batch 512 on that CPU: 0.20 step/s on 1 thread beside another job (25 steps timed), ~5.5 h for 4000 steps.
+
+    Measured before: the previous decoder (60k UNet steps at batch 16 on the CPU, 3 h 2 min, against the previous
+    CLIP) drew colour/shape 0.92/0.76, and growing cross-attention at the 8x8 level onto it for 30k more steps
+    (``grow_steps=30_000``, 7115 s) gave 0.93/0.72: the CLIP embedding, not the UNet, limited shape
+    (:mod:`eclipse_prior.shapes.readout`). The growth stage stays available; the shipped build has none.
     """
     cfg = config or DecoderConfig()
     torch.set_num_threads(cfg.threads)
@@ -779,6 +784,7 @@ def oracle_check(
     guidance_scale: float = 4.0,
     out_dir: str | Path | None = None,
     device: str = "cpu",
+    rows: Sequence[str] | None = None,
 ) -> dict:
     """Decode true CLIP image embeddings ("oracle") and raw CLIP text embeddings of seeded scenes; judge both.
 
@@ -788,7 +794,8 @@ def oracle_check(
     ``oracle_training_scenes`` (when the decoder folder has its ``build.json``) decodes as many of the UNet's
     own training scenes: far above ``oracle`` means memorised, level with it means under-fitted.
     Writes ``oracle.png``/``text.png`` grids and ``oracle_check.json`` to ``out_dir`` when given. ``device``
-    runs the decoder pipeline there (embeddings and the judge stay on the CPU).
+    runs the decoder pipeline there (embeddings and the judge stay on the CPU). ``rows`` limits the work to those
+    rows (default: all).
     """
     from eclipse_prior.encoders.clip import load_clip
     from eclipse_prior.shapes.captions import caption
@@ -808,24 +815,30 @@ def oracle_check(
     pipe = load_decoder_pipeline(decoder_path).to(device)
     report: dict = {"n_per_category": n_per_category, "seed": seed, "steps": num_inference_steps,
                     "guidance": guidance_scale, "rows": {}}
-    with torch.no_grad():
-        latents = pipe.movq.encode(to_model_pixels(truth).to(device)).latents
-        reconstructed = to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample.cpu())
-    rows: dict[str, tuple[np.ndarray, list[Scene]]] = {
-        "truth": (truth, scenes),
-        "autoencoder": (reconstructed, scenes),  # the movq round trip: the ceiling any UNet could reach
-        "oracle": (decode_embeds(pipe, image_embeds, negative, num_inference_steps, guidance_scale, seed), scenes),
-        "text": (decode_embeds(pipe, text_embeds, negative, num_inference_steps, guidance_scale, seed), scenes),
+    def decode(embeds: torch.Tensor) -> np.ndarray:
+        return decode_embeds(pipe, embeds, negative, num_inference_steps, guidance_scale, seed)
+
+    def reconstruct() -> np.ndarray:  # the movq round trip: the ceiling any UNet could reach
+        with torch.no_grad():
+            latents = pipe.movq.encode(to_model_pixels(truth).to(device)).latents
+            return to_uint8(pipe.movq.decode(latents, force_not_quantize=True).sample.cpu())
+
+    makers: dict[str, Callable[[], tuple[np.ndarray, list[Scene]]]] = {
+        "truth": lambda: (truth, scenes),
+        "autoencoder": lambda: (reconstruct(), scenes),
+        "oracle": lambda: (decode(image_embeds), scenes),
+        "text": lambda: (decode(text_embeds), scenes),
     }
     build_json = Path(decoder_path or DEFAULT_DECODER_DIR) / "build.json"
     if build_json.exists():  # oracle decodes of the UNet's own training scenes: the generalisation gap
         pool_seed = json.loads(build_json.read_text())["config"]["seed"] + 2  # as in render_pool
         train_images, train_scenes = render_scenes(len(scenes), pool_seed)
-        train_embeds = clip_image_embeds(vision, train_images)
-        rows["oracle_training_scenes"] = (
-            decode_embeds(pipe, train_embeds, negative, num_inference_steps, guidance_scale, seed), train_scenes
-        )
-    for name, (images, row_scenes) in rows.items():
+        makers["oracle_training_scenes"] = lambda: (decode(clip_image_embeds(vision, train_images)), train_scenes)
+    unknown = sorted(set(rows or ()) - set(makers))
+    if unknown:
+        raise ValueError(f"unknown oracle_check rows {unknown}; available: {sorted(makers)}")
+    judged = {name: makers[name]() for name in (rows or makers)}
+    for name, (images, row_scenes) in judged.items():
         scores = judge_score(images, row_scenes)
         cats = np.array([s.category for s in row_scenes])
         row = {k: float(np.mean(v)) for k, v in scores.items()}
@@ -838,7 +851,7 @@ def oracle_check(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for name, (images, _) in rows.items():
+        for name, (images, _) in judged.items():
             save_grid(images, out / f"{name}.png", columns=n_per_category)
         (out / "captions.txt").write_text("\n".join(captions) + "\n")
         (out / "oracle_check.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -866,7 +879,7 @@ def qualify_decoder(
     sweep = {}
     for g in guidances:
         report = oracle_check(decoder_path, clip_path, judge_score, n_per_category, seed=validation_seed,
-                              num_inference_steps=25, guidance_scale=g, device=device)
+                              num_inference_steps=25, guidance_scale=g, device=device, rows=("oracle",))
         sweep[g] = brief(report["rows"]["oracle"])
         log(f"decoder guidance {g:g} on validation scenes: {sweep[g]}")
     best = max(sweep, key=lambda g: sweep[g]["colour"] + sweep[g]["shape"])

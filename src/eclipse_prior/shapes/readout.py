@@ -95,18 +95,19 @@ def probe_clip(
     steps: int = 4000,
     seed: int = 2,
     workers: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Render ``max(n_train) + n_test`` seeded scenes (all categories in turn), embed them, probe them.
 
     Every probe is scored on the same last ``n_test`` scenes; ``n_train`` values use the first that many.
-    ``workers`` processes render the scenes.
+    ``workers`` processes render the scenes; ``device`` embeds them (probes train on the CPU).
     """
     from eclipse_prior.shapes.decoder import clip_image_embeds, load_vision_model
 
     rng = np.random.default_rng(seed)
     total = max(n_train) + n_test
     scenes = [sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]) for i in range(total)]
-    vision = load_vision_model(clip_path)
+    vision = load_vision_model(clip_path).to(device)
     embeds = clip_image_embeds(vision, render_arrays(scenes, workers=workers))
     test = slice(total - n_test, total)
     out: dict = {"n_test": n_test, "seed": seed, "steps": steps, "probes": []}
