@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -322,3 +324,19 @@ def test_qualify_decoder_picks_the_validation_argmax_and_checks_on_other_scenes(
     # the sweep judges only the oracle row, both runs on the validation scenes; the check judges all five rows
     # (truth first) on other scenes
     assert len(seen) == 7 and seen[0] == seen[1] and seen[0] != seen[2]
+
+
+def test_gpu_build_script_reproduces_the_shipped_schedule_and_reads_the_training_logs(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "shapes_gpu_build.py"
+    spec = importlib.util.spec_from_file_location("shapes_gpu_build", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # the shipped decoder's config is the script's schedule at its 4000 steps
+    assert script.decoder_schedule(DecoderConfig(), 4000) == DecoderConfig()
+    # the rate is parsed from what the UNet loop really logs (a format change would break the budgeting)
+    latents, embeds = torch.randn(8, 4, 8, 8), torch.randn(8, EMBED)
+    cfg = DecoderConfig(**{**TINY.__dict__, "unet_steps": 10**6, "checkpoint_every_s": 1e9})
+    rate = script.rate(lambda n, log: train_unet(cfg, tmp_path, latents, embeds, embeds[:1], log, stop_at=n), 2, 52)
+    assert rate > 0
