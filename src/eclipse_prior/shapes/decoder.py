@@ -638,7 +638,8 @@ def latent_pool(
                              for i in range(0, len(images), 256)])
     pool = {"latents": latents.to(torch.float16).contiguous(), "embeds": embeds.contiguous(),
             "null": zero_image_embed(vision_model)}
-    vision_model.cpu(), movq.cpu()
+    vision_model.cpu()
+    movq.cpu()
     tmp = path.with_name(path.name + ".tmp")
     save_file(pool, str(tmp))
     os.replace(tmp, path)
@@ -800,6 +801,11 @@ def oracle_check(
     from eclipse_prior.encoders.clip import load_clip
     from eclipse_prior.shapes.captions import caption
 
+    build_json = Path(decoder_path or DEFAULT_DECODER_DIR) / "build.json"
+    available = ["truth", "autoencoder", "oracle", "text", *(["oracle_training_scenes"] if build_json.exists() else [])]
+    unknown = sorted(set(rows or ()) - set(available))
+    if unknown:
+        raise ValueError(f"unknown oracle_check rows {unknown}; available: {available}")
     clip_dir = Path(clip_path) if clip_path is not None else DEFAULT_DECODER_DIR.parent / "clip"
     clip = load_clip(str(clip_dir), local_files_only=True)
     vision = clip.vision_model.float().eval()
@@ -815,6 +821,7 @@ def oracle_check(
     pipe = load_decoder_pipeline(decoder_path).to(device)
     report: dict = {"n_per_category": n_per_category, "seed": seed, "steps": num_inference_steps,
                     "guidance": guidance_scale, "rows": {}}
+
     def decode(embeds: torch.Tensor) -> np.ndarray:
         return decode_embeds(pipe, embeds, negative, num_inference_steps, guidance_scale, seed)
 
@@ -829,14 +836,13 @@ def oracle_check(
         "oracle": lambda: (decode(image_embeds), scenes),
         "text": lambda: (decode(text_embeds), scenes),
     }
-    build_json = Path(decoder_path or DEFAULT_DECODER_DIR) / "build.json"
-    if build_json.exists():  # oracle decodes of the UNet's own training scenes: the generalisation gap
+    def training_scenes() -> tuple[np.ndarray, list[Scene]]:  # the UNet's own training scenes: the generalisation gap
         pool_seed = json.loads(build_json.read_text())["config"]["seed"] + 2  # as in render_pool
-        train_images, train_scenes = render_scenes(len(scenes), pool_seed)
-        makers["oracle_training_scenes"] = lambda: (decode(clip_image_embeds(vision, train_images)), train_scenes)
-    unknown = sorted(set(rows or ()) - set(makers))
-    if unknown:
-        raise ValueError(f"unknown oracle_check rows {unknown}; available: {sorted(makers)}")
+        images, train_scenes = render_scenes(len(scenes), pool_seed)
+        return decode(clip_image_embeds(vision, images)), train_scenes
+
+    if build_json.exists():
+        makers["oracle_training_scenes"] = training_scenes
     judged = {name: makers[name]() for name in (rows or makers)}
     for name, (images, row_scenes) in judged.items():
         scores = judge_score(images, row_scenes)

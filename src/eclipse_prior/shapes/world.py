@@ -318,7 +318,7 @@ def render_arrays(scenes: Sequence[Scene], size: int = 64, workers: int = 1) -> 
     Rendering is pure Python/PIL at ~600 scenes/s per core: pools of 10^5 scenes for a GPU build need the cores.
     """
     if workers <= 1 or len(scenes) < 4 * workers:
-        return np.stack([render_array(s, size) for s in scenes])
+        return _render_chunk((scenes, size))
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
