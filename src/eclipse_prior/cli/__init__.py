@@ -8,6 +8,7 @@ and a failing optional dependency breaks only its own command.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -53,11 +54,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eclipse-prior: interrupted", file=sys.stderr)
         return 130
-    except (EclipsePriorError, FileNotFoundError, PermissionError) as err:
+    except EclipsePriorError as err:
         print(f"eclipse-prior {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in EXPECTED_OS_ERRORS:
+            raise  # a real bug keeps its traceback
+        print(f"eclipse-prior {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     finally:
         _close_process_group()
+
+
+# I/O failures that are the environment's, not a bug: a one-line error naming the file and the fix.
+EXPECTED_OS_ERRORS = {
+    errno.ENOENT: "no such file or folder",
+    errno.EACCES: "permission denied: check the owner and mode, or choose another path",
+    errno.EPERM: "operation not permitted: check the owner and mode, or choose another path",
+    errno.EROFS: "read-only file system: choose an output on a writable disk",
+    errno.ENOSPC: "no space left on the device: free space or choose another output disk, then rerun to resume",
+    errno.EDQUOT: "disk quota exceeded: free space or choose another output disk, then rerun to resume",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EIO: "input/output error from the device",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<path>: <what happened and the fix>`` for an expected I/O failure."""
+    what = EXPECTED_OS_ERRORS.get(err.errno or 0, err.strerror or str(err))
+    paths = [p for p in (err.filename, err.filename2) if p]
+    return f"{' -> '.join(map(str, paths))}: {what}" if paths else f"{err.strerror or err}: {what}"
 
 
 def _close_process_group() -> None:

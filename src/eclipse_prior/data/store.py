@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from eclipse_prior.errors import StoreError
+from eclipse_prior.outputs import write_json_atomic
 
 FORMAT = "eclipse-prior-store"
 VERSION = 1
@@ -77,17 +78,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` then rename it over, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def merge_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:

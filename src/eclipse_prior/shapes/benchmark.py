@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
-from eclipse_prior.shapes.checkpoint import write_json
+from eclipse_prior.outputs import write_json_atomic
 from eclipse_prior.shapes.holdout import load_holdout
 from eclipse_prior.shapes.metrics import (
     SPLITS,
@@ -264,7 +264,7 @@ def train_spec(
     train(tcfg)
     timing = run_dir.with_name(run_dir.name + ".seconds.json")
     spent = (_read_json(timing) or {}).get("seconds", 0.0) + time.time() - t0  # resumed runs add up
-    write_json(timing, {"seconds": round(spent, 1)})
+    write_json_atomic(timing, {"seconds": round(spent, 1)})
     return run_dir
 
 
@@ -369,7 +369,7 @@ class Benchmark:
                 pred = predict(prior, self.text, 1000 + spec.seed, steps or 1, self.cfg.prior_guidance)
                 cached[str(steps)] = self.scores(pred)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, cached)
+        write_json_atomic(path, cached)
         return cached
 
     # --- plan ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ class Benchmark:
         invocations = (_read_json(log_path) or []) + [{
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": self.timings["total_s"],
             "seeds": c.seeds, "ablations": c.ablations, "judge_part": c.judge_part}]
-        write_json(log_path, invocations)
+        write_json_atomic(log_path, invocations)
         self.timings["all_invocations_s"] = round(sum(i["seconds"] for i in invocations), 1)
         results["timings"] = dict(self.timings)
         results["invocations"] = invocations
@@ -434,7 +434,7 @@ class Benchmark:
             p.name.removesuffix(".seconds.json"): _read_json(p)["seconds"]
             for p in sorted((self.out / "runs").glob("*.seconds.json"))
         }
-        write_json(self.out / "results.json", results)
+        write_json_atomic(self.out / "results.json", results)
         (self.out / "results.md").write_text(results_markdown(results))
         plot_results(results, self.out)
         return results

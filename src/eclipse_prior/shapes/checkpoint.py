@@ -2,7 +2,7 @@
 
 Weights, optimiser moments, RNG state and an EMA copy go in one file, replaced atomically, so a build killed
 at any moment resumes exactly (no pickle: the optimiser's param groups travel as JSON in the header).
-:func:`replacing_dir` does the same for a finished model folder, :func:`write_json` for a small record.
+:func:`replacing_dir` does the same for a finished model folder, :func:`eclipse_prior.outputs.write_json_atomic` for a small record.
 """
 
 from __future__ import annotations
@@ -35,13 +35,6 @@ def replacing_dir(out: Path) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write ``data`` as indented JSON, replacing ``path`` atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def save_state(

@@ -46,7 +46,8 @@ from diffusers.utils import logging as dlogging
 from safetensors.torch import load_file, save_file
 
 from eclipse_prior.errors import ModelNotFoundError
-from eclipse_prior.shapes.checkpoint import load_state, save_state, write_json
+from eclipse_prior.outputs import write_json_atomic
+from eclipse_prior.shapes.checkpoint import load_state, save_state
 from eclipse_prior.shapes.world import (
     BACKGROUND,
     CATEGORIES,
@@ -746,11 +747,11 @@ def build_decoder(
     save_decoder(out, unet, timed("movq_decoder", lambda: finetune_movq_decoder(cfg, work, log, resume)))
     clip_sha256 = hashlib.sha256((clip_dir / "model.safetensors").read_bytes()).hexdigest()
     build = {"config": asdict(cfg), "clip_sha256": clip_sha256, "stage_seconds": timed.seconds()}
-    write_json(out / "build.json", build)  # oracle_check reads the config (the pool's seed) from it
+    write_json_atomic(out / "build.json", build)  # oracle_check reads the config (the pool's seed) from it
     build.update(timed("qualify", lambda: qualify_decoder(out, clip_dir, n_per_category=qualify_per_category, log=log,
                                                           device=cfg.device)))
     build["stage_seconds"] = timed.seconds()
-    write_json(out / "build.json", build)
+    write_json_atomic(out / "build.json", build)
     return out
 
 
@@ -768,7 +769,7 @@ class _StageClock:
         result = run()
         totals = self.seconds()
         totals[stage] = round(totals.get(stage, 0.0) + time.time() - t0, 1)
-        write_json(self.path, totals)
+        write_json_atomic(self.path, totals)
         return result
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from eclipse_prior.config import save_config
 from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import contrastive_loss, projection_loss
+from eclipse_prior.outputs import write_json_atomic
 from eclipse_prior.training.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
 
@@ -263,12 +264,6 @@ def resolved_command(cfg: TrainConfig) -> str:
     return shlex.join(argv)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_prior_atomic(prior: nn.Module, target: Path) -> None:
     """`save_pretrained` into a temporary folder, then swap it in, so `target` is never half-written."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -431,7 +426,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 global_batch=cfg.batch_size * world * cfg.grad_accum,
                 status="running",
             )
-            _write_json_atomic(run_dir / "run.json", run_info)
+            write_json_atomic(run_dir / "run.json", run_info)
             _truncate_metrics(metrics_path, start_step)
             if cfg.report_to != "none":
                 accelerator.init_trackers("eclipse-prior", config=_flat_hparams(cfg))
@@ -494,7 +489,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 save_prior_atomic(ema.model, run_dir / "prior")
             run_info = json.loads((run_dir / "run.json").read_text())
             run_info["status"] = "finished"
-            _write_json_atomic(run_dir / "run.json", run_info)
+            write_json_atomic(run_dir / "run.json", run_info)
     finally:
         _release(accelerator)
     return run_dir
