@@ -25,16 +25,23 @@ def test_category_from_filename():
     assert compbench.category_from_filename("my_prompts.txt") == "my_prompts"
 
 
-@pytest.mark.skipif(not COMPBENCH_DIR.is_dir(), reason="T2I-CompBench prompt files not present")
-def test_reads_the_real_compbench_folder():
-    sets = compbench.load_prompt_sets([COMPBENCH_DIR])
+def test_reads_the_shipped_prompts():
+    sets = compbench.load_prompt_sets()  # no sources: the val prompts shipped in the package
     assert [ps.category for ps in sets] == list(compbench.CATEGORIES)  # the benchmark's order
     for ps in sets:
-        assert 290 <= len(ps.prompts) <= 300
+        assert len(ps.prompts) == 300
         assert all(p == p.strip() and "\r" not in p for p in ps.prompts)
-    color = compbench.load_prompt_sets([COMPBENCH_DIR], categories=["color"], max_prompts=3)
+    assert sets[-1].has_reference_lists
+    color = compbench.load_prompt_sets(categories=["color"], max_prompts=3)
     assert [ps.category for ps in color] == ["color"] and len(color[0].prompts) == 3
     assert color[0].prompts[0] == "a green bench and a blue bowl"
+    assert (compbench.packaged_prompt_dir() / "LICENSE.txt").read_text().startswith("MIT License")
+
+
+@pytest.mark.skipif(not COMPBENCH_DIR.is_dir(), reason="T2I-CompBench prompt files not present")
+def test_shipped_prompt_files_are_byte_copies_of_the_shared_ones():
+    for f in COMPBENCH_DIR.glob("*.txt"):
+        assert (compbench.packaged_prompt_dir() / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_prompt_files_errors_and_complex_lists(tmp_path):
@@ -46,11 +53,11 @@ def test_prompt_files_errors_and_complex_lists(tmp_path):
     (tmp_path / "LICENSE.txt").write_text("MIT")
     (ps,) = compbench.load_prompt_sets([tmp_path])
     assert ps.category == "complex" and len(ps.prompts) == 2
-    assert compbench.complex_parts(ps.prompts[0], RULES, ps) == compbench.ComplexParts(
+    assert compbench.complex_parts(ps, 0) == compbench.ComplexParts(
         spatial=True, non_spatial=False, rule="reference-lists"
     )
-    assert compbench.complex_parts(ps.prompts[1], RULES, ps).non_spatial is True
-    assert compbench.complex_parts(ps.prompts[1], RULES, ps).spatial is False
+    assert compbench.complex_parts(ps, 1).non_spatial is True
+    assert compbench.complex_parts(ps, 1).spatial is False
     with pytest.raises(ConfigError, match="does not exist"):
         compbench.load_prompt_sets([tmp_path / "nope"])
     with pytest.raises(ConfigError, match="no prompt file for categories"):
@@ -59,13 +66,14 @@ def test_prompt_files_errors_and_complex_lists(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- noun phrases, VQA
 def test_rule_chunker_matches_spacy_on_the_template():
-    assert RULES.noun_chunks("a green bench and a blue bowl") == ["a green bench", "a blue bowl"]
-    assert RULES.noun_chunks("rubber sole shoes and fluffy clouds") == ["rubber sole shoes", "fluffy clouds"]
-    assert compbench.vqa_questions("an oblong cucumber and a teardrop plum", RULES) == [
+    assert RULES.parse("a green bench and a blue bowl").noun_chunks == ["a green bench", "a blue bowl"]
+    assert RULES.parse("rubber sole shoes and fluffy clouds").noun_chunks == ["rubber sole shoes", "fluffy clouds"]
+    assert RULES.parse("a red orange and a brown sheep").noun_chunks == ["a red orange", "a brown sheep"]
+    assert compbench.vqa_questions(RULES.parse("an oblong cucumber and a teardrop plum")) == [
         "an oblong cucumber?",
         "a teardrop plum?",
     ]
-    assert RULES.drop_adjectives("The red hat was on top of the brown coat rack.") == (
+    assert compbench.clipscore_text(RULES.parse("The red hat was on top of the brown coat rack."), True) == (
         "The hat was on top of the coat rack ."
     )
 
@@ -77,13 +85,13 @@ def test_vqa_product_of_known_probabilities():
 
 
 def test_parser_choice():
-    assert compbench.get_parser("rules").name == "rules"
-    assert compbench.get_parser("auto").name in ("rules", "spacy:en_core_web_sm")
+    assert compbench.PromptParser("rules").parse("a green bench and a blue bowl").source == "rules"
+    assert compbench.PromptParser("auto").parse("a green bench and a blue bowl").source == "shipped"
     with pytest.raises(ConfigError):
-        compbench.get_parser("nltk")
+        compbench.PromptParser("nltk")
     if importlib.util.find_spec("spacy") is None:
         with pytest.raises(ConfigError, match="en_core_web_sm"):
-            compbench.get_parser("spacy")
+            compbench.PromptParser("spacy")
 
 
 # -------------------------------------------------------------------------------------------------- spatial rule
@@ -108,7 +116,7 @@ def test_box_iou():
         ("on the right of", sq(50, 0), sq(0, 0), 0.3),
         ("on the top of", sq(0, 0), sq(0, 300), 1.0),  # y grows down: dy > 0 means object 1 is above
         ("on the top of", sq(0, 300), sq(0, 0), 0.0),
-        ("on top of", sq(0, 0), sq(0, 300), 1.0),
+        ("on top of", sq(0, 0), sq(0, 300), 0.0),  # the reference has no branch for it
         ("on the bottom of", sq(0, 300), sq(0, 0), 1.0),
         ("on the bottom of", sq(0, 0), sq(0, 300), 0.0),
         ("next to", sq(0, 0), sq(100, 100), 1.0),  # both centre distances under 150 px
@@ -130,34 +138,43 @@ def test_iou_exactly_at_threshold_scores_one():
 
 def test_spatial_image_score_detections_and_confidence_weighting():
     a, b = sq(0, 0, score=0.8), sq(300, 0, score=0.9)
-    assert spatial_image_score("on the left of", a, b) == 1.0
-    assert spatial_image_score("on the left of", a, None) == 0.0
-    assert spatial_image_score("on the left of", None, None) == 0.0
-    # reference UniDet formula: 0.25 * conf1 + 0.25 * conf2 + position / 2, zero below 0.5
-    assert spatial_image_score("on the left of", a, b, confidence_weighting=True) == pytest.approx(0.925)
-    assert spatial_image_score("on the right of", a, b, confidence_weighting=True) == 0.0  # 0.425 < 0.5
-    assert spatial_image_score("on the left of", a, None, confidence_weighting=True) == 0.0  # 0.2 < 0.5
+    assert spatial_image_score("on the left of", a, b, confidence_weighting=False) == 1.0
+    assert spatial_image_score("on the left of", a, None, confidence_weighting=False) == 0.0
+    assert spatial_image_score("on the left of", None, None, confidence_weighting=False) == 0.0
+    # reference UniDet formula (the default): 0.25 * conf1 + 0.25 * conf2 + position / 2, zero below 0.5
+    assert spatial_image_score("on the left of", a, b) == pytest.approx(0.925)
+    assert spatial_image_score("on the right of", a, b) == 0.0  # 0.425 < 0.5
+    assert spatial_image_score("on the left of", a, None) == 0.0  # 0.2 < 0.5
+    assert position_score("behind", a, b) == 0.0  # the reference: no branch, score 0
     with pytest.raises(ConfigError):
-        position_score("behind", a, b)
+        position_score("behind", a, b, scoring="corrected")
 
 
-def test_spatial_query_extracts_objects_and_relation():
-    q = compbench.spatial_query("a traffic light on the left of a stop sign", RULES)
-    assert q == compbench.SpatialQuery("traffic light", "on the left of", "stop sign")
-    assert compbench.spatial_query("a mouse on side of a key", RULES).relation == "on side of"
-    assert compbench.spatial_query("The red hat was on top of the brown coat rack.", RULES) == (
+def test_corrected_spatial_query_takes_the_noun_phrases_around_the_relation():
+    def query(text):
+        return compbench.spatial_query(RULES.parse(text), scoring="corrected")
+
+    assert query("a traffic light on the left of a stop sign") == compbench.SpatialQuery(
+        "traffic light", "on the left of", "stop sign"
+    )
+    assert query("a mouse on side of a key").relation == "on side of"
+    assert query("The red hat was on top of the brown coat rack.") == (
         compbench.SpatialQuery("red hat", "on top of", "brown coat rack")
     )
-    assert compbench.spatial_query("a cat in a box", RULES) is None
-    assert compbench.spatial_query("a linear cat", RULES) is None  # "near" only as a word
+    assert query("a cat in a box") == compbench.SpatialQuery(None, None, None)
+    assert query("a linear cat") == compbench.SpatialQuery(None, None, None)  # "near" only as a word
 
 
-def test_complex_mean_of_applicable_parts():
+def test_complex_mean_of_applicable_parts(tmp_path):
     assert compbench.complex_score(0.6, None, 0.3) == pytest.approx(0.45)
     assert compbench.complex_score(0.6, 0.0, 0.3) == pytest.approx(0.3)
-    parts = compbench.complex_parts("The cat is on the left of the dog.", RULES)
-    assert (parts.attribute, parts.spatial, parts.non_spatial) == (True, True, True)
-    assert compbench.complex_parts("A man reads a red book.", RULES).spatial is False
+    # no 3-in-1 lists beside the file: spatial applies when the prompt states a relation
+    (tmp_path / "complex_val.txt").write_text("The cat is on the left of the dog.\nA man reads a red book.\n")
+    (ps,) = compbench.load_prompt_sets([tmp_path])
+    assert not ps.has_reference_lists
+    parts = compbench.complex_parts(ps, 0)
+    assert (parts.attribute, parts.spatial, parts.non_spatial, parts.rule) == (True, True, True, "relation-phrase")
+    assert compbench.complex_parts(ps, 1).spatial is False
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

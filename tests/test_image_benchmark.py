@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from eclipse_prior.cli import main
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
-from eclipse_prior.evaluation import frechet, scorers
+from eclipse_prior.evaluation import compbench, frechet, scorers
 from eclipse_prior.evaluation import image_benchmark as ib
 
 BERT_WORDS = (
@@ -342,7 +342,9 @@ def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
     assert len(records) == n_images
     color = next(r for r in records if r["category"] == "color")
     assert color["attribute"]["questions"] == ["a green bench?", "a blue bowl?"]
-    assert color["score"] == pytest.approx(np.prod(color["attribute"]["p_yes"]))
+    # the reference writes each P(yes) and the product with 4 decimals (float32 product)
+    assert color["score"] == compbench.vqa_score(color["attribute"]["p_yes"])
+    assert color["score"] == pytest.approx(np.prod(color["attribute"]["p_yes"]), abs=2e-4)
     spatial = next(r for r in records if r["category"] == "spatial" and r["prompt_index"] == 0)
     assert spatial["spatial"]["query"] == {"obj1": "cat", "relation": "on the left of", "obj2": "dog"}
     assert spatial["spatial"]["box1"] is not None  # threshold 0: the best box is always kept
@@ -360,7 +362,13 @@ def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
     low, high = pref["win_rate_ci95"]["eclipse"]["projection"]
     assert low <= pref["win_rate"]["eclipse"]["projection"] <= high
     assert "0.6119" in first.summary and "ECLIPSE-Kandinsky v2.2" in first.summary
-    assert res["parser"] in ("rules", "spacy:en_core_web_sm")
+    header = res["compbench"]
+    assert header["scoring"] == "reference" and header["scorer_models"]["detector"] == tiny_models["owl"]
+    assert header["parser"]["prompts_by_source"]["shipped"] == 1  # "a green bench and a blue bowl" ships
+    assert "en_core_web_sm" in res["parser"]
+    if importlib.util.find_spec("spacy") is None:  # the other prompts went to the rule chunker: said so
+        assert not header["reference_rules"] and "rule chunker" in " ".join(res["notes"])
+        assert "NOT comparable" in first.summary
 
     # a repeated run generates nothing and rescores nothing
     gen2 = StandInGenerator()
@@ -400,6 +408,39 @@ def test_run_scores_caches_and_resumes(tmp_path, tiny_models, judges):
         make_config(tmp_path, tiny_models, images_per_prompt=3), generate=gen4, judges=judges, progress=False
     )
     assert len(gen4.calls) == n_images // 2 and {seed for _, _, seed in gen4.calls} == {9}
+
+
+def test_shipped_prompts_scored_by_the_reference_rules_then_corrected(tmp_path, tiny_models, judges):
+    cfg = make_config(tmp_path, tiny_models, prompts=None, priors=["/runs/a"], categories=["spatial", "complex"],
+                      max_prompts=2, images_per_prompt=1)
+    first = ib.run_benchmark(cfg, generate=StandInGenerator(), judges=judges, progress=False)
+    header = first.results["compbench"]
+    assert header["scoring"] == "reference" and header["reference_rules"]  # shipped prompts: shipped parses
+    assert header["parser"]["prompts_by_source"] == {"shipped": 4}
+    assert first.results["prompts"]["spatial"]["file"].endswith("compbench_data/spatial_val.txt")
+    records = {(r["category"], r["prompt_index"]): r for r in
+               map(json.loads, (Path(cfg.out) / "scores.jsonl").read_text().splitlines())}
+    girl = records[("spatial", 1)]  # "a girl on the top of a frog": the reference asks UniDet for "person"
+    assert girl["prompt"] == "a girl on the top of a frog" and girl["settings"]["parse"] == "shipped"
+    assert girl["spatial"]["query"] == {"obj1": "person", "relation": "on the top of", "obj2": "frog"}
+    # boxes are read in the reference's detector frame: a 64 px image is 479 px there
+    box = girl["spatial"]["box1"]
+    assert box is not None and max(box["x_max"], box["y_max"]) > 64
+    hat = records[("complex", 0)]  # in the reference's spatial list; its objects are head nouns
+    assert hat["parts"] == {"attribute": True, "spatial": True, "non_spatial": False, "rule": "reference-lists"}
+    assert hat["spatial"]["query"] == {"obj1": "hat", "relation": "on top of", "obj2": "coat"}
+    assert hat["attribute"]["questions"] == ["the red hat?", "the brown coat rack?"]
+    assert "non_spatial" not in hat
+
+    cfg.scoring = "corrected"
+    second = ib.run_benchmark(cfg, generate=StandInGenerator(), judges=judges, progress=False)
+    assert second.results["scoring"]["rescored"] == 4  # the mode is part of every score's settings
+    assert not second.results["compbench"]["reference_rules"]
+    assert "NOT comparable" in second.summary
+    fixed = {(r["category"], r["prompt_index"]): r for r in
+             map(json.loads, (Path(cfg.out) / "scores.jsonl").read_text().splitlines())}
+    assert fixed[("complex", 0)]["spatial"]["query"]["obj2"] == "brown coat rack"
+    assert fixed[("spatial", 1)]["spatial"]["query"]["obj1"] == "girl"
 
 
 def test_one_prior_with_reference_folder(tmp_path, tiny_models, judges):
@@ -443,6 +484,11 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    # without --prompts the shipped val prompts are used; other splits must be given
+    code = main(["benchmark-images", "--prior", "p", "--decoder", "kandinsky22", "--split", "train",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only the val split ships" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_end_to_end_through_the_generation_pipeline(tmp_path, tiny_models, tiny_clip_dir, capsys):
@@ -482,6 +528,11 @@ def test_cli_end_to_end_through_the_generation_pipeline(tmp_path, tiny_models, t
     assert "0 generated, 4 reused" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["generation"] == {"generated": 0, "reused": 4} and res["preference"]["n_items"] == 2
+    assert res["compbench"]["scoring"] == "reference" and res["spatial"]["confidence_weighting"] is True
+    assert main([*argv, "--scoring", "corrected", "--no-spatial-confidence-weighting", "--split", "val"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["compbench"]["scoring"] == "corrected" and res["spatial"]["confidence_weighting"] is False
+    assert res["scoring"]["rescored"] == 4
 
 
 def test_benchmark_cli_numbers_are_one_line_errors(tmp_path, capsys):

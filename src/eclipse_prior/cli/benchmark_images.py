@@ -35,9 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts",
         nargs="+",
-        required=True,
+        default=None,
         metavar="DIR_OR_FILE",
-        help="prompt files (<category>_val.txt, one prompt a line) or folders of them",
+        help="prompt files (<category>.txt, one prompt a line) or folders of them, e.g. the reference repository's "
+        "examples/dataset (default: the T2I-CompBench val prompts shipped with eclipse-prior)",
+    )
+    p.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "train", "test"],
+        help="in a folder of <category>_<split>.txt files, the split to read (default val)",
     )
     p.add_argument("--images-per-prompt", type=int, default=10, help="images per prompt (paper: 10)")
     p.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
@@ -78,15 +85,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--detection-threshold", type=float, default=0.1, help="minimum detector confidence")
     s.add_argument(
+        "--scoring",
+        default="reference",
+        choices=["reference", "corrected"],
+        help="T2I-CompBench rules: the reference code's, quirks included (default; comparable with published "
+        "numbers), or corrected (on top of scored, whole-word relations, ...; see docs/compbench-fidelity.md)",
+    )
+    s.add_argument(
         "--spatial-confidence-weighting",
-        action="store_true",
-        help="use the reference UniDet formula 0.25*conf1 + 0.25*conf2 + position/2 (0 below 0.5)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the reference UniDet formula 0.25*conf1 + 0.25*conf2 + position/2, 0 below 0.5 (default on)",
     )
     s.add_argument(
         "--noun-phrases",
         default="auto",
         choices=["auto", "spacy", "rules"],
-        help="spaCy en_core_web_sm (as the reference) or the built-in rule chunker",
+        help="auto: shipped spaCy parses of the val prompts, spaCy en_core_web_sm for others when installed "
+        "(eclipse-prior[compbench]), else the rule chunker; spacy: require spaCy; rules: the rule chunker only",
     )
     s.add_argument("--bootstrap-resamples", type=int, default=1000)
     s.add_argument("--batch-size", type=int, default=8, help="images per DINOv2 batch")
@@ -121,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_prompts=args.max_prompts,
         categories=args.categories,
+        split=args.split,
         steps=args.steps,
         guidance=args.guidance,
         prior_steps=args.prior_steps,
@@ -137,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         dino_model=args.dino_model,
         reference_images=args.reference_images,
         detection_threshold=args.detection_threshold,
+        scoring=args.scoring,
         spatial_confidence_weighting=args.spatial_confidence_weighting,
         noun_phrases=args.noun_phrases,
         inception=not args.no_inception,

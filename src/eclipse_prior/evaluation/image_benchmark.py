@@ -5,10 +5,11 @@ Stages, each resumable:
    ``out/images/<prior>/<category>/``. Image ``j`` of every prompt uses seed ``seed + j`` for every prior, so priors are
    compared on the same prompts and seeds. An image whose PNG and sidecar exist and whose recorded request (prior,
    decoder, CLIP, prompt, seed, generation settings) equals the current one is reused, never regenerated.
-2. Scoring. Per category as T2I-CompBench: BLIP-VQA product for colour/shape/texture, the detector rule for spatial,
-   CLIPScore for non-spatial (and any other prompt file), the 3-in-1 mean for complex; PickScore for preference when
-   two or more priors are compared; DINOv2 (and optionally Inception) Frechet distance to a reference folder.
-   Per-image scores go to ``out/scores.jsonl``; a rerun reuses a record whose image hash and scorer settings match.
+2. Scoring. Per category as T2I-CompBench's reference code (``compbench``; ``scoring="reference"`` by default, its
+   quirks included): BLIP-VQA product for colour/shape/texture, the detector rule for spatial, CLIPScore for
+   non-spatial (and any other prompt file), the 3-in-1 mean for complex; PickScore for preference when two or more
+   priors are compared; DINOv2 (and optionally Inception) Frechet distance to a reference folder. Per-image scores
+   go to ``out/scores.jsonl``; a rerun reuses a record whose image hash and scorer settings match.
 3. Aggregation: per category and prior the mean with a prompt-level bootstrap 95% interval, the PickScore win-rate
    matrix, the paper's numbers for the decoder, written to ``out/results.json`` and ``out/summary.txt``.
 
@@ -47,13 +48,14 @@ class BenchmarkConfig:
 
     priors: list[str]
     decoder: str
-    prompts: list[str]
+    prompts: list[str] | None  # None: the T2I-CompBench val prompts shipped with the package
     out: str
     clip: str | None = None
     images_per_prompt: int = 10
     seed: int = 0
     max_prompts: int | None = None
     categories: list[str] | None = None
+    split: str = "val"
     # generation settings (passed to the pipelines; recorded in every sidecar)
     steps: int | None = None
     guidance: float | None = None
@@ -72,7 +74,8 @@ class BenchmarkConfig:
     dino_model: str = scorers.DEFAULT_DINO_MODEL
     reference_images: str | None = None
     detection_threshold: float = 0.1
-    spatial_confidence_weighting: bool = False
+    scoring: str = "reference"  # the reference's rules, quirks included; "corrected" fixes them
+    spatial_confidence_weighting: bool = True
     noun_phrases: str = "auto"
     inception: bool = True
     bootstrap_resamples: int = 1000
@@ -271,10 +274,10 @@ def _box_dict(box: compbench.Box | None) -> dict[str, float] | None:
     return None if box is None else asdict(box)
 
 
-def _scorer_settings(cfg: BenchmarkConfig, category: str, parser_name: str) -> dict[str, Any]:
+def _scorer_settings(cfg: BenchmarkConfig, category: str, parse: compbench.Parse) -> dict[str, Any]:
     """What a per-image score depends on besides the image: reused only when all of it is unchanged."""
     metric = compbench.CATEGORY_METRIC.get(category, "clipscore")
-    s: dict[str, Any] = {"metric": metric, "parser": parser_name}
+    s: dict[str, Any] = {"metric": metric, "scoring": cfg.scoring, "parse": parse.source}
     if metric in ("blip_vqa", "3_in_1"):
         s["vqa_model"] = cfg.vqa_model
     if metric in ("spatial", "3_in_1"):
@@ -288,59 +291,67 @@ def _scorer_settings(cfg: BenchmarkConfig, category: str, parser_name: str) -> d
     return s
 
 
-def _attribute(
-    judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, prompt: str, parser: compbench.Parser
-) -> dict[str, Any]:
-    questions = compbench.vqa_questions(prompt, parser)
+def _attribute(judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, parse: compbench.Parse) -> dict[str, Any]:
+    questions = compbench.vqa_questions(parse)
     probs = judges.vqa(cfg.vqa_model).yes_probabilities(image, questions)
-    return {"questions": questions, "p_yes": probs, "score": compbench.vqa_product(probs)}
+    return {"questions": questions, "p_yes": probs, "score": compbench.vqa_score(probs, cfg.scoring)}
 
 
 def _spatial(
-    judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, query: compbench.SpatialQuery | None
+    judges: ScorerSet, cfg: BenchmarkConfig, image: Image.Image, parse: compbench.Parse, complex_prompt: bool
 ) -> dict[str, Any]:
-    if query is None:
-        return {"query": None, "score": 0.0, "note": "no known relation with two objects found in the prompt"}
-    detector = judges.detector(cfg.detector_model, cfg.detection_threshold)
-    box1, box2 = detector.best_boxes(image, [query.obj1, query.obj2])
-    return {
+    """Detector boxes for the prompt's two objects, moved to the reference's detector frame, and the spatial rule."""
+    query = compbench.spatial_query(parse, complex_prompt, cfg.scoring)
+    names = [name for name in (query.obj1, query.obj2) if name is not None]
+    found = judges.detector(cfg.detector_model, cfg.detection_threshold).best_boxes(image, names) if names else []
+    by_name = dict(zip(names, found, strict=True))  # the same word twice: the same best box, as in the reference
+    width, height = image.size
+    box1, box2 = (
+        compbench.to_reference_frame(by_name.get(name) if name is not None else None, width, height)
+        for name in (query.obj1, query.obj2)
+    )
+    detail: dict[str, Any] = {
         "query": asdict(query),
         "box1": _box_dict(box1),
         "box2": _box_dict(box2),
-        "score": compbench.spatial_image_score(query.relation, box1, box2, cfg.spatial_confidence_weighting),
+        "score": compbench.spatial_image_score(
+            query.relation, box1, box2, cfg.spatial_confidence_weighting, cfg.scoring
+        ),
     }
+    if query.obj1 is None or query.obj2 is None or query.relation is None:
+        detail["note"] = "the prompt gave no relation or not two objects under the scoring rules: scores 0"
+    return detail
 
 
 def score_item(
     item: ImageItem,
     cfg: BenchmarkConfig,
     judges: ScorerSet,
-    parser: compbench.Parser,
+    parser: compbench.PromptParser,
     prompt_set: compbench.PromptSet,
 ) -> dict[str, Any]:
     """The category score of one image with the evidence behind it (questions and P(yes), boxes, ...)."""
     with Image.open(item.path) as im:
         image = im.convert("RGB")
     metric = compbench.CATEGORY_METRIC.get(item.category, "clipscore")
+    parse = parser.parse(item.prompt)
     detail: dict[str, Any] = {}
     if metric == "blip_vqa":
-        detail["attribute"] = _attribute(judges, cfg, image, item.prompt, parser)
+        detail["attribute"] = _attribute(judges, cfg, image, parse)
         score = detail["attribute"]["score"]
     elif metric == "spatial":
-        query = compbench.spatial_query(item.prompt, parser)
-        detail["spatial"] = _spatial(judges, cfg, image, query)
+        detail["spatial"] = _spatial(judges, cfg, image, parse, complex_prompt=False)
         score = detail["spatial"]["score"]
     elif metric == "3_in_1":
-        parts = compbench.complex_parts(item.prompt, parser, prompt_set)
+        parts = compbench.complex_parts(prompt_set, item.prompt_index, parse, cfg.scoring)
         detail["parts"] = asdict(parts)
-        detail["attribute"] = _attribute(judges, cfg, image, item.prompt, parser)
+        detail["attribute"] = _attribute(judges, cfg, image, parse)
         spatial = non_spatial = None
         if parts.spatial:
-            query = compbench.spatial_query(item.prompt, parser)
-            detail["spatial"] = _spatial(judges, cfg, image, query)
+            detail["spatial"] = _spatial(judges, cfg, image, parse, complex_prompt=True)
             spatial = detail["spatial"]["score"]
         if parts.non_spatial:
-            text = parser.drop_adjectives(item.prompt)  # the reference drops adjectives for complex CLIPScore
+            text = compbench.clipscore_text(parse, complex_prompt=True)
             non_spatial = judges.clipscore(cfg.clipscore_model).scores([image], [text])[0]
             detail["non_spatial"] = {"text": text, "score": non_spatial}
         score = compbench.complex_score(detail["attribute"]["score"], spatial, non_spatial)
@@ -370,7 +381,7 @@ def score_images(
     items: Sequence[ImageItem],
     cfg: BenchmarkConfig,
     judges: ScorerSet,
-    parser: compbench.Parser,
+    parser: compbench.PromptParser,
     prompt_sets: Sequence[compbench.PromptSet],
     out: Path,
     with_pickscore: bool,
@@ -382,7 +393,7 @@ def score_images(
     records, rescored = [], 0
     with open(out / "scores.partial.jsonl", "a", encoding="utf-8") as partial:
         for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
-            settings = _scorer_settings(cfg, item.category, parser.name)
+            settings = _scorer_settings(cfg, item.category, parser.parse(item.prompt))
             digest = _sha256(item.path)
             old = previous.get(item.key)
             reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
@@ -559,6 +570,13 @@ def format_summary(results: dict[str, Any]) -> str:
     lines.append(
         f"(mean over images, 95% bootstrap interval over prompts; noun phrases: {results['parser']})"
     )
+    cb = results.get("compbench")
+    if cb:
+        lines.append(
+            f"(T2I-CompBench scoring: {cb['scoring']} rules; "
+            f"{'rules and parser as the reference' if cb['reference_rules'] else 'NOT comparable with published numbers'}"
+            f"; scorer models differ, see docs/compbench-fidelity.md)"
+        )
     pref = results.get("preference")
     if pref:
         lines += ["", f"PickScore win rate (row beats column, {pref['n_items']} paired images):"]
@@ -584,6 +602,51 @@ def format_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compbench_fidelity(
+    cfg: BenchmarkConfig, parser: compbench.PromptParser, prompt_sets: Sequence[compbench.PromptSet]
+) -> dict[str, Any]:
+    """The results header saying how close these scores are to the reference's: scoring mode, parser, scorer
+    models, and every reason they cannot be put beside published numbers."""
+    prompts = [p for ps in prompt_sets for p in ps.prompts]
+    parse_info = parser.describe(prompts)
+    why: list[str] = []
+    if cfg.scoring != "reference":
+        why.append(f"scoring rules {cfg.scoring!r}, not the reference's: not comparable with published numbers")
+    if not parse_info["reference_parser"]:
+        n = parse_info["prompts_by_source"].get("rules", 0)
+        why.append(
+            f"{n} prompts parsed by the rule chunker, not spaCy en_core_web_sm: their scores are not comparable "
+            "(pip install 'eclipse-prior[compbench]')"
+        )
+    if not cfg.spatial_confidence_weighting and any(
+        compbench.CATEGORY_METRIC.get(ps.category) in ("spatial", "3_in_1") for ps in prompt_sets
+    ):
+        why.append("spatial confidence weighting off: spatial and complex scores are not the reference's")
+    for ps in prompt_sets:
+        if ps.category == "complex" and not ps.has_reference_lists:
+            why.append(
+                f"no 3-in-1 lists beside {ps.path.name} ({ps.path.stem}_spatial.txt, {ps.path.stem}_action.txt): "
+                "complex parts chosen by relation words, not the reference's lists"
+            )
+    return {
+        "scoring": cfg.scoring,
+        "parser": parse_info,
+        "scorer_models": {
+            "blip_vqa": cfg.vqa_model,
+            "detector": cfg.detector_model,
+            "clipscore": cfg.clipscore_model,
+        },
+        "reference_models": {
+            "blip_vqa": "BLIP model_base_vqa_capfilt_large.pth at 480 px (BLIPvqa_eval/configs/vqa.yaml)",
+            "detector": "UniDet Unified_learned_OCIM_RS200_6x+2x, confidence threshold 0.5",
+            "clipscore": "OpenAI CLIP ViT-B/32",
+        },
+        "reference_rules": not why,
+        "not_comparable_because": why,
+        "model_differences": "docs/compbench-fidelity.md lists the differences of the scorer models",
+    }
+
+
 @dataclass
 class BenchmarkResult:
     """What ``results.json`` holds, the printed table, and the generation counts."""
@@ -604,10 +667,15 @@ def run_benchmark(
         raise ConfigError("give at least one --prior")
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    prompt_sets = compbench.load_prompt_sets(cfg.prompts, cfg.categories, cfg.max_prompts)
+    if cfg.scoring not in compbench.SCORING_MODES:
+        raise ConfigError(f"--scoring must be one of {', '.join(compbench.SCORING_MODES)}, not {cfg.scoring!r}")
+    skipped_files: list[str] = []
+    prompt_sets = compbench.load_prompt_sets(
+        cfg.prompts, cfg.categories, cfg.max_prompts, cfg.split, skipped=skipped_files
+    )
     if cfg.reference_images:
         reference_image_paths(Path(cfg.reference_images).expanduser())
-    parser = compbench.get_parser(cfg.noun_phrases)
+    parser = compbench.PromptParser(cfg.noun_phrases)
     priors = prior_labels(cfg.priors)
     items = plan_images(prompt_sets, priors, cfg.images_per_prompt, cfg.seed, out)
     request_base = {"decoder": cfg.decoder, "clip": cfg.clip, "generation": cfg.generation_settings()}
@@ -616,9 +684,14 @@ def run_benchmark(
     judges = judges or ScorerSet(cfg.device)
     with_pick = len(priors) >= 2
     notes: list[str] = []
+    if skipped_files:
+        notes.append(f"skipped {len(skipped_files)} prompt files of T2I-CompBench++ categories not implemented here: "
+                     f"{', '.join(skipped_files)}")
     if not with_pick:
         notes.append("PickScore preference skipped: it compares two or more priors")
     records, rescored = score_images(items, cfg, judges, parser, prompt_sets, out, with_pick, progress)
+    fidelity = compbench_fidelity(cfg, parser, prompt_sets)
+    notes += fidelity["not_comparable_because"]
 
     results: dict[str, Any] = {
         "config": asdict(cfg),
@@ -626,7 +699,8 @@ def run_benchmark(
         "prior_specs": priors,
         "decoder": cfg.decoder,
         "clip": cfg.clip,
-        "parser": parser.name,
+        "compbench": fidelity,
+        "parser": fidelity["parser"]["summary"],
         "images_per_prompt": cfg.images_per_prompt,
         "seed": cfg.seed,
         "prompts": {ps.category: {"file": str(ps.path), "n": len(ps.prompts)} for ps in prompt_sets},
@@ -646,6 +720,7 @@ def run_benchmark(
         "spatial": {
             "detection_threshold": cfg.detection_threshold,
             "confidence_weighting": cfg.spatial_confidence_weighting,
+            "box_frame": "the reference UniDet input: short side 479, long side at most 480 px",
         },
         "vqa_probability": "p(yes)/(p(yes)+p(no)), teacher-forced answer decoder (as T2I-CompBench vqa_prob)",
     }
