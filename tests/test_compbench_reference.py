@@ -171,6 +171,15 @@ def test_reference_objects_of_complex_prompts_follow_its_preposition_scan():
     assert compbench.spatial_query(propn, complex_prompt=True) == compbench.SpatialQuery("dog", "near", "City")
 
 
+def test_reference_detector_only_knows_unidet_class_names():
+    labels = compbench.reference_detector_labels()
+    assert len(labels) == 677 and "traffic light" in labels and "person" in labels  # 722 names, some twice
+    assert not compbench.detectable("light")  # the reference's head noun of "a traffic light": never found
+    assert compbench.detectable("traffic light") and compbench.detectable("person")
+    assert not compbench.detectable("tissue") and compbench.detectable("tissue ")  # its label has a trailing space
+    assert compbench.detectable("light", "corrected") and not compbench.detectable(None, "corrected")
+
+
 # -------------------------------------------------------------------------------------------- 3-in-1 list matching
 def test_list_key_keeps_spaces_in_the_reference_and_strips_them_when_corrected(tmp_path):
     assert compbench.reference_list_key("The cat sat. Then it left.\n") == "the cat sat"

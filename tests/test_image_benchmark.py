@@ -429,6 +429,7 @@ def test_shipped_prompts_scored_by_the_reference_rules_then_corrected(tmp_path, 
     hat = records[("complex", 0)]  # in the reference's spatial list; its objects are head nouns
     assert hat["parts"] == {"attribute": True, "spatial": True, "non_spatial": False, "rule": "reference-lists"}
     assert hat["spatial"]["query"] == {"obj1": "hat", "relation": "on top of", "obj2": "coat"}
+    assert hat["spatial"]["not_in_detector_vocabulary"] == []  # both are UniDet class names
     assert hat["attribute"]["questions"] == ["the red hat?", "the brown coat rack?"]
     assert "non_spatial" not in hat
 

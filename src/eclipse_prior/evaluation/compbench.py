@@ -549,6 +549,21 @@ def reference_detector_size(width: int, height: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+@lru_cache(maxsize=1)
+def reference_detector_labels() -> frozenset[str]:
+    """The 722 class names of the reference's UniDet (shipped as ``unidet_labels.json``). The reference matches an
+    object word against them exactly (``obj1 in obj``); a word outside them is never found, so its image scores at
+    most 0.25 x confidence, i.e. 0 (reference: UniDet_eval/2D_spatial_eval.py L21, L160-163, L233-261)."""
+    with open(packaged_prompt_dir() / "unidet_labels.json", encoding="utf-8") as f:
+        return frozenset(json.load(f)["labels"])
+
+
+def detectable(name: str | None, scoring: str = "reference") -> bool:
+    """Whether the detector is asked for this object: under the reference rules only UniDet's class names."""
+    _check_mode(scoring)
+    return name is not None and (scoring == "corrected" or name in reference_detector_labels())
+
+
 def to_reference_frame(box: Box | None, width: int, height: int) -> Box | None:
     """A box in generated-image pixels moved to the frame the reference's 150 px rule is stated in."""
     if box is None:

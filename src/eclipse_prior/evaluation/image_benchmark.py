@@ -302,16 +302,15 @@ def _spatial(
 ) -> dict[str, Any]:
     """Detector boxes for the prompt's two objects, moved to the reference's detector frame, and the spatial rule."""
     query = compbench.spatial_query(parse, complex_prompt, cfg.scoring)
-    names = [name for name in (query.obj1, query.obj2) if name is not None]
+    # under the reference rules a word outside UniDet's class names is never found
+    names = [name for name in (query.obj1, query.obj2) if compbench.detectable(name, cfg.scoring)]
     found = judges.detector(cfg.detector_model, cfg.detection_threshold).best_boxes(image, names) if names else []
     by_name = dict(zip(names, found, strict=True))  # the same word twice: the same best box, as in the reference
     width, height = image.size
-    box1, box2 = (
-        compbench.to_reference_frame(by_name.get(name) if name is not None else None, width, height)
-        for name in (query.obj1, query.obj2)
-    )
+    box1, box2 = (compbench.to_reference_frame(by_name.get(name), width, height) for name in (query.obj1, query.obj2))
     detail: dict[str, Any] = {
         "query": asdict(query),
+        "not_in_detector_vocabulary": [n for n in (query.obj1, query.obj2) if n is not None and n not in by_name],
         "box1": _box_dict(box1),
         "box2": _box_dict(box2),
         "score": compbench.spatial_image_score(
