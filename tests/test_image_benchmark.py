@@ -433,6 +433,15 @@ def test_shipped_prompts_scored_by_the_reference_rules_then_corrected(tmp_path, 
     assert hat["attribute"]["questions"] == ["the red hat?", "the brown coat rack?"]
     assert "non_spatial" not in hat
 
+    # the same images laid out for the reference's own scripts: <prompt>_<prompt index x images + image index>
+    dest = tmp_path / "reference_layout"
+    assert ib.export_reference_samples(Path(cfg.out), dest) == {"copied": 4, "skipped": 0}
+    samples = dest / "a" / "spatial" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "a giraffe next to a lamp_000000.png", "a girl on the top of a frog_000001.png"]
+    assert (samples / "a girl on the top of a frog_000001.png").read_bytes() == (
+        Path(cfg.out) / girl["image"]).read_bytes()
+
     cfg.scoring = "corrected"
     second = ib.run_benchmark(cfg, generate=StandInGenerator(), judges=judges, progress=False)
     assert second.results["scoring"]["rescored"] == 4  # the mode is part of every score's settings

@@ -547,6 +547,35 @@ def image_quality(
     return result, notes
 
 
+# ------------------------------------------------------------------------------------- the reference's own layout
+def export_reference_samples(out: Path, dest: Path) -> dict[str, int]:
+    """Copy a finished run's images to ``dest/<prior>/<category>/samples/<prompt>_<NNNNNN>.png``, the layout the
+    reference scripts read (they take the prompt from the name before the first ``_`` and sort by the number,
+    ``prompt_index x images_per_prompt + image_index``), so they can score the very same images.
+
+    Prompts that a file name cannot carry (holding ``_`` or ``/``) are skipped and counted.
+    """
+    scores = out / "scores.jsonl"
+    if not scores.is_file():
+        raise ConfigError(f"no scores.jsonl in {str(out)!r}: run benchmark-images there first")
+    with open(out / "results.json", encoding="utf-8") as f:
+        per_prompt = int(json.load(f)["images_per_prompt"])
+    counts = {"copied": 0, "skipped": 0}
+    with open(scores, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for rec in records:
+        if "_" in rec["prompt"] or "/" in rec["prompt"] or rec["image_index"] >= per_prompt:
+            counts["skipped"] += 1
+            continue
+        folder = dest / rec["prior"] / rec["category"] / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        number = rec["prompt_index"] * per_prompt + rec["image_index"]
+        target = folder / f"{rec['prompt']}_{number:06d}.png"
+        _atomic_write_bytes(target, lambda p, src=out / rec["image"]: p.write_bytes(src.read_bytes()))
+        counts["copied"] += 1
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------------- reporting
 def _fmt(ci: dict[str, Any] | None) -> str:
     return "-" if ci is None else f"{ci['mean']:.4f} [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
