@@ -79,9 +79,9 @@ def test_rule_chunker_matches_spacy_on_the_template():
 
 
 def test_vqa_product_of_known_probabilities():
-    assert compbench.vqa_product([0.9, 0.5, 0.2]) == pytest.approx(0.09)
-    assert compbench.vqa_product([0.7]) == pytest.approx(0.7)
-    assert compbench.vqa_product([]) == 1.0  # no question asked: the reference multiplies by 1
+    assert compbench.vqa_score([0.9, 0.5, 0.2], "corrected") == pytest.approx(0.09)
+    assert compbench.vqa_score([0.7], "corrected") == pytest.approx(0.7)
+    assert compbench.vqa_score([]) == 1.0  # no question asked: the reference multiplies by 1
 
 
 def test_parser_choice():

@@ -502,11 +502,6 @@ def vqa_score(yes_probabilities: Sequence[float], scoring: str = "reference") ->
     return float(f"{float(product):.4f}")
 
 
-def vqa_product(yes_probabilities: Sequence[float]) -> float:
-    """The float64 product of P(yes) (``vqa_score`` in corrected mode)."""
-    return vqa_score(yes_probabilities, "corrected")
-
-
 # ---------------------------------------------------------------------------------------------------- spatial rule
 @dataclass(frozen=True)
 class Box:
@@ -767,9 +762,7 @@ def reference_list_key(line: str, scoring: str = "reference") -> str:
     return text.split(".")[0].lower()
 
 
-def complex_parts(
-    prompt_set: PromptSet, index: int, parse: Parse | None = None, scoring: str = "reference"
-) -> ComplexParts:
+def complex_parts(prompt_set: PromptSet, index: int, scoring: str = "reference") -> ComplexParts:
     """The reference 3-in-1 rule: in its spatial list -> attribute + spatial; else in its action list -> attribute +
     non-spatial; else all three (reference: 3_in_1_eval/3_in_1.py L63-69). Without the lists beside the prompt
     file: attribute and non-spatial always, spatial too when the prompt states a known relation (not the

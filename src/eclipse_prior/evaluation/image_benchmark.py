@@ -342,7 +342,7 @@ def score_item(
         detail["spatial"] = _spatial(judges, cfg, image, parse, complex_prompt=False)
         score = detail["spatial"]["score"]
     elif metric == "3_in_1":
-        parts = compbench.complex_parts(prompt_set, item.prompt_index, parse, cfg.scoring)
+        parts = compbench.complex_parts(prompt_set, item.prompt_index, cfg.scoring)
         detail["parts"] = asdict(parts)
         detail["attribute"] = _attribute(judges, cfg, image, parse)
         spatial = non_spatial = None
