@@ -27,8 +27,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from eclipse_prior.errors import ConfigError
 
 # The scorer models T2I-CompBench and the paper use (hub ids; a local folder works wherever one is accepted).
@@ -451,12 +449,19 @@ class PromptParser:
             self._cache[text] = parse_from_json(text, stored) if stored is not None else self.live.parse(text)
         return self._cache[text]
 
+    def source_name(self, source: str) -> str:
+        """What made a parse of this source, versions included (part of a cached score's settings)."""
+        if source == "shipped":
+            return "spacy {} {} {} (shipped parses)".format(
+                self.header.get("spacy"), self.header.get("model"), self.header.get("model_version")
+            )
+        return self.live.name
+
     def describe(self, prompts: Sequence[str]) -> dict[str, Any]:
         """Where the parses of these prompts come from, and whether they are the reference parser's."""
         counts = Counter(self.parse(p).source for p in dict.fromkeys(prompts))
-        shipped = self.header.get("spacy"), self.header.get("model"), self.header.get("model_version")
-        shipped_name = "spacy {} {} {}".format(*shipped) if self.header else None
-        used = {"shipped": f"{shipped_name} (shipped parses)", "spacy": self.live.name, "rules": "rules"}
+        shipped_name = self.source_name("shipped").removesuffix(" (shipped parses)") if self.header else None
+        used = {src: self.source_name(src) for src in counts}
         return {
             "kind": self.kind,
             "prompts_by_source": dict(counts),
@@ -496,6 +501,8 @@ def vqa_score(yes_probabilities: Sequence[float], scoring: str = "reference") ->
     _check_mode(scoring)
     if scoring == "corrected":
         return float(math.prod(float(p) for p in yes_probabilities))
+    import numpy as np  # here, not at the top: `eclipse-prior --help` imports this module and stays numpy-free
+
     product = np.float32(1.0)
     for p in yes_probabilities:
         product = np.float32(product * np.float32(float(f"{float(np.float32(p)):.4f}")))

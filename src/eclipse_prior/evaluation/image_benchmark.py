@@ -274,10 +274,17 @@ def _box_dict(box: compbench.Box | None) -> dict[str, float] | None:
     return None if box is None else asdict(box)
 
 
-def _scorer_settings(cfg: BenchmarkConfig, category: str, parse: compbench.Parse) -> dict[str, Any]:
+def _scorer_settings(
+    cfg: BenchmarkConfig, category: str, parse: compbench.Parse, parser: compbench.PromptParser
+) -> dict[str, Any]:
     """What a per-image score depends on besides the image: reused only when all of it is unchanged."""
     metric = compbench.CATEGORY_METRIC.get(category, "clipscore")
-    s: dict[str, Any] = {"metric": metric, "scoring": cfg.scoring, "parse": parse.source}
+    s: dict[str, Any] = {
+        "metric": metric,
+        "scoring": cfg.scoring,
+        "parse": parse.source,
+        "parser": parser.source_name(parse.source),
+    }
     if metric in ("blip_vqa", "3_in_1"):
         s["vqa_model"] = cfg.vqa_model
     if metric in ("spatial", "3_in_1"):
@@ -392,7 +399,7 @@ def score_images(
     records, rescored = [], 0
     with open(out / "scores.partial.jsonl", "a", encoding="utf-8") as partial:
         for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
-            settings = _scorer_settings(cfg, item.category, parser.parse(item.prompt))
+            settings = _scorer_settings(cfg, item.category, parser.parse(item.prompt), parser)
             digest = _sha256(item.path)
             old = previous.get(item.key)
             reusable = old is not None and old.get("sha256") == digest and old.get("settings") == settings
