@@ -7,7 +7,8 @@ A checkpoint folder ``checkpoints/step-XXXXXXXX/`` holds:
 - ``state.json``: step, EMA update count, optimizer param groups and scalar state, LR-scheduler state, numpy and
   python RNG states, the data position and the world size.
 It is written into a hidden temporary folder and renamed into place, so a folder named ``step-*`` is always
-complete: a run killed at any moment resumes from the last complete one.
+complete: a run killed at any moment resumes from the last complete one. A checkpoint damaged afterwards (a
+truncated file, hand-edited JSON) raises `CheckpointError` when read, so a resume can fall back past it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from eclipse_prior.errors import EclipsePriorError
+
 CHECKPOINT_PREFIX = "step-"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+class CheckpointError(EclipsePriorError):
+    """A checkpoint folder that cannot be read back (truncated, empty or hand-edited files)."""
 
 
 class EMA:
@@ -119,36 +130,59 @@ def save_checkpoint(
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_tensors_for_file(model.state_dict()), tmp / "model.safetensors")
-    save_file(_tensors_for_file(ema.model.state_dict()), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng_tensors, rng_meta = rng_state()
-    save_file(_tensors_for_file(rng_tensors), tmp / "rng.safetensors")
-    state = {
-        "step": step,
-        "ema_updates": ema.num_updates,
-        "optimizer": opt_meta,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_meta,
-        **extra,
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():  # re-saving a step (e.g. the final one of a resumed, finished run)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        save_file(_tensors_for_file(model.state_dict()), tmp / "model.safetensors")
+        save_file(_tensors_for_file(ema.model.state_dict()), tmp / "ema.safetensors")
+        opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_file(_tensors_for_file(rng_tensors), tmp / "rng.safetensors")
+        state = {
+            "step": step,
+            "ema_updates": ema.num_updates,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_meta,
+            **extra,
+        }
+        (tmp / "state.json").write_text(json.dumps(state))
+        for name in CHECKPOINT_FILES:  # on disk before the rename makes the folder a checkpoint
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. the final one of a resumed, finished run)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a full disk or a kill: no half-written folder left behind, the older ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of killed writes are ignored)."""
+    """Folders named ``step-<number>``, oldest first; anything else there (temporary folders of killed writes,
+    stray files, ``step-old``) is ignored. Whether each one still reads is for `read_checkpoint` to say."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
+    found = [p for p in checkpoints_dir.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """state.json and every tensor file of a checkpoint, read in full; `CheckpointError` if any is damaged."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError("state.json does not hold an object")
+        for key in ("step", "ema_updates", "optimizer", "scheduler", "rng"):
+            if key not in state:
+                raise ValueError(f"state.json has no {key!r}")
+        tensors = {name: load_file(path / name) for name in CHECKPOINT_FILES if name.endswith(".safetensors")}
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return state, tensors
 
 
 def load_checkpoint(
@@ -158,12 +192,21 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote into the given objects; returns state.json."""
-    state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    ema.model.load_state_dict(load_file(path / "ema.safetensors"))
-    ema.num_updates = int(state["ema_updates"])
-    optimizer.load_state_dict(_optimizer_join(load_file(path / "optimizer.safetensors"), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    """Restore everything ``save_checkpoint`` wrote into the given objects; returns state.json.
+
+    Every file is read before anything is restored; a checkpoint whose files read but do not fit (other
+    shapes, missing keys) raises `CheckpointError` too, possibly after restoring part of it: loading an
+    earlier checkpoint afterwards restores everything again.
+    """
+    state, tensors = read_checkpoint(path)
+    try:
+        model.load_state_dict(tensors["model.safetensors"])
+        ema.model.load_state_dict(tensors["ema.safetensors"])
+        ema.num_updates = int(state["ema_updates"])
+        optimizer.load_state_dict(_optimizer_join(tensors["optimizer.safetensors"], state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(tensors["rng.safetensors"], state["rng"])
+        int(state["step"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path} does not fit this run ({str(err).splitlines()[0]})") from err
     return state

@@ -6,9 +6,11 @@ steps) is one YAML away. Each field's help says why its default was chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from eclipse_prior.config import _check_value
 from eclipse_prior.errors import ConfigError
 
 Objective = Literal["eclipse", "projection", "diffusion"]
@@ -81,7 +83,16 @@ class TrainConfig:
         metadata=_h("train on an L2-normalised store (clip-retrieval); decoders expect raw embeddings"),
     )
     verify_store: bool = field(default=True, metadata=_h("check shard checksums and finiteness before training"))
-    resume: bool = field(default=False, metadata=_h("continue from the latest checkpoint in --out"))
+    resume: bool = field(
+        default=False,
+        metadata=_h("continue the run in --out from its latest readable checkpoint (an error if --out holds no run)"),
+    )
+    allow_changed_data: bool = field(
+        default=False,
+        metadata=_h("with --resume: continue even if the store changed since the run started (other rows, "
+                    "CLIP or normalisation; default: refuse)"),
+    )
+    progress: bool = field(default=True, metadata=_h("progress bar (plain periodic lines when not on a terminal)"))
     num_workers: int = field(default=1, metadata=_h("batches prefetched by a background thread (0: none)"))
     report_to: Literal["tensorboard", "wandb", "none"] = field(
         default="tensorboard", metadata=_h("experiment tracker (through accelerate)")
@@ -89,6 +100,9 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject values that would fail later in a less readable way."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # library callers bypass the flag/YAML checks: the same type and nan/inf check
+            _check_value(f.name, getattr(self, f.name), hints[f.name])
         if not self.data:
             raise ConfigError("train needs --data STORE")
         if not self.out:
@@ -108,7 +122,17 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.lr <= 0 or self.tau <= 0:
             raise ConfigError(f"lr and tau must be > 0, got lr={self.lr} tau={self.tau}")
-        if self.lam < 0 or self.warmup_steps < 0 or self.val_every < 0 or self.num_workers < 0:
-            raise ConfigError("lam, warmup_steps, val_every and num_workers must be >= 0")
+        non_negative = {
+            "lam": self.lam,
+            "warmup_steps": self.warmup_steps,
+            "val_every": self.val_every,
+            "num_workers": self.num_workers,
+            "weight_decay": self.weight_decay,
+            "grad_clip": self.grad_clip,
+            "val_guidance": self.val_guidance,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

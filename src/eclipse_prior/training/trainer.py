@@ -25,24 +25,34 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from eclipse_prior.config import save_config
 from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import contrastive_loss, projection_loss
+from eclipse_prior.outputs import progress as progress_bar
 from eclipse_prior.outputs import write_json_atomic
-from eclipse_prior.training.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
+from eclipse_prior.training.checkpoint import EMA, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
+from eclipse_prior.training.resume import (
+    check_data_fingerprint,
+    check_run_dir,
+    claim_run,
+    data_fingerprint,
+    load_latest_good_checkpoint,
+    read_metrics,
+    read_run_info,
+    remove_stale_temporaries,
+    truncate_metrics,
+)
 
 
 def objective_loss(
@@ -254,7 +264,7 @@ def resolved_command(cfg: TrainConfig) -> str:
     argv = ["eclipse-prior", "train"]
     for f in fields(cfg):
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
-        if value == default or f.name == "resume":
+        if value == default or f.name in ("resume", "allow_changed_data"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -269,21 +279,15 @@ def save_prior_atomic(prior: nn.Module, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    prior.save_pretrained(tmp, safe_serialization=True)
+    try:
+        prior.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:  # a full disk: the previous prior/ stays, no temporary folder is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 class _Batches:
@@ -330,35 +334,6 @@ def _param_groups(prior: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# Fields a resumed run must share with the run it continues (the network, the data stream, the objective).
-# Others (steps, logging, checkpoint cadence, workers, tracker) may change on resume.
-RESUME_FIXED = ("data", "objective", "preset", "init_from", "lam", "tau", "batch_size", "grad_accum", "seed",
-                "pooled_only", "mixed_precision")
-
-
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a folder")
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    if not cfg.resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    if not cfg.pooled_only and saved.get("pooled_only"):
-        cfg.pooled_only = True  # it was switched on by a store without text states; the store has not changed
-    def same(key: str) -> bool:
-        if key == "data":  # the same store may be named by another relative/absolute path
-            return Path(str(saved.get(key))).resolve() == Path(cfg.data).resolve()
-        return saved.get(key) == getattr(cfg, key)
-
-    changed = [f"{k} ({saved.get(k)!r} -> {getattr(cfg, k)!r})" for k in RESUME_FIXED if not same(k)]
-    if changed:
-        raise ConfigError(
-            f"--resume of {run_dir} with different settings: {', '.join(changed)}; keep them or use another --out"
-        )
-
-
 def _flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
 
@@ -371,7 +346,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     """
     cfg.check()
     run_dir = Path(cfg.out)
-    _prepare_run_dir(cfg, run_dir)
+    check_run_dir(cfg, run_dir)  # early one-line errors, before the store is verified; checked again once claimed
     store = _open_store(cfg)
     if not store.has_text_states and not cfg.pooled_only:
         cfg.pooled_only = True  # a store without token states can only train a pooled-only prior
@@ -379,9 +354,11 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     if len(train_rows) == 0:
         raise StoreError(f"store {cfg.data} has no rows in its train split")
     accelerator = _make_accelerator(cfg, run_dir)
+    claim = ExitStack()
     try:
         rank, world = accelerator.process_index, accelerator.num_processes
         main = accelerator.is_main_process
+        fingerprint = _claim_and_check_run(claim, cfg, run_dir, store, accelerator, command)
 
         prior = _build_prior(cfg, store)
         ema = EMA(prior, cfg.ema_decay)
@@ -392,12 +369,12 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
 
         checkpoints_dir = run_dir / "checkpoints"
         start_step = 0
-        latest = list_checkpoints(checkpoints_dir)[-1:] if cfg.resume else []
-        if latest:
-            state = load_checkpoint(latest[0], prior, ema, optimizer, scheduler)
+        loaded = _resume_from_checkpoint(cfg, checkpoints_dir, prior, ema, optimizer, scheduler, main)
+        if loaded is not None:
+            latest, state = loaded
             start_step = int(state["step"])
             if main:
-                print(f"resuming {run_dir} from {latest[0].name} (step {start_step})", file=sys.stderr)
+                print(f"resuming {run_dir} from {latest.name} (step {start_step})", file=sys.stderr)
                 if state["world_size"] != world:
                     print(
                         f"note: checkpoint written by {state['world_size']} process(es), this run has {world}: "
@@ -411,8 +388,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         metrics_path = run_dir / "metrics.jsonl"
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+            run_info = read_run_info(run_dir) or {}
             invoked = command or resolved_command(cfg)
             run_info.setdefault("command", invoked)
             run_info.setdefault("invocations", []).append({"command": invoked, "start_step": start_step})
@@ -425,9 +401,11 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 world_size=world,
                 global_batch=cfg.batch_size * world * cfg.grad_accum,
                 status="running",
+                data_fingerprint=fingerprint,
             )
             write_json_atomic(run_dir / "run.json", run_info)
-            _truncate_metrics(metrics_path, start_step)
+            save_config(cfg, run_dir / "config.yaml")  # after run.json: a folder with config.yaml has both
+            truncate_metrics(metrics_path, start_step)
             if cfg.report_to != "none":
                 accelerator.init_trackers("eclipse-prior", config=_flat_hparams(cfg))
             if cfg.val_every:
@@ -437,7 +415,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         order = DataOrder(train_rows, cfg.seed)
         batches = _Batches(store, order, cfg, rank, world, accelerator.device)
         global_micro = cfg.batch_size * world
-        progress = tqdm(total=cfg.steps, initial=start_step, disable=not main, desc="train", dynamic_ncols=True)
+        progress = progress_bar(total=cfg.steps, initial=start_step, enabled=main and cfg.progress, desc="train")
         window: list[torch.Tensor] = []
         window_terms: dict[str, list[torch.Tensor]] = {}
         t0, samples = time.perf_counter(), 0
@@ -491,8 +469,47 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             run_info["status"] = "finished"
             write_json_atomic(run_dir / "run.json", run_info)
     finally:
+        claim.close()
         _release(accelerator)
     return run_dir
+
+
+def _claim_and_check_run(
+    claim: ExitStack, cfg: TrainConfig, run_dir: Path, store: Any, accelerator: Any, command: str | None
+) -> dict[str, Any]:
+    """Hold RUN (rank 0) until `claim` closes, recheck it under the claim, and return the store's fingerprint
+    (checked against the run's on --resume)."""
+    claim.enter_context(claim_run(run_dir, accelerator, f"train --out {run_dir}" if command is None else command))
+    check_run_dir(cfg, run_dir)  # another run may have started there between the first check and the claim
+    fingerprint = data_fingerprint(store)
+    main = accelerator.is_main_process
+    if cfg.resume:
+        check_data_fingerprint(cfg, run_dir, fingerprint, log=_stderr_line if main else _silent)
+    if main:
+        remove_stale_temporaries(run_dir)
+    return fingerprint
+
+
+def _resume_from_checkpoint(
+    cfg: TrainConfig, checkpoints_dir: Path, prior: nn.Module, ema: EMA, optimizer: Any, scheduler: Any, main: bool
+) -> tuple[Path, dict[str, Any]] | None:
+    """With --resume: the newest checkpoint that reads (damaged ones skipped with a note), or None before the
+    first checkpoint (the run starts from step 0, said once)."""
+    if not cfg.resume:
+        return None
+    log = _stderr_line if main else _silent
+    loaded = load_latest_good_checkpoint(checkpoints_dir, prior, ema, optimizer, scheduler, log=log)
+    if loaded is None:
+        log(f"note: {cfg.out} has no checkpoint yet (stopped before its first one): starting from step 0")
+    return loaded
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _release(accelerator: Any) -> None:
@@ -613,8 +630,4 @@ def _validate(
 
 def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of RUN_DIR/metrics.jsonl (train log lines and validation lines with "split")."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
+    yield from read_metrics(Path(run_dir) / "metrics.jsonl")
