@@ -136,7 +136,8 @@ def test_evaluate_cli_on_run_and_export_writes_json(run_dir, store, tmp_path, ca
 def test_export_ema_and_raw_weights_with_model_card(run_dir, store, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # dotfiles: lock, export record
+    assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
     exported = load_file(out / "diffusion_pytorch_model.safetensors")
     ema = load_file(run_dir / "prior" / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
@@ -154,9 +155,10 @@ def test_export_ema_and_raw_weights_with_model_card(run_dir, store, tmp_path, ca
     assert all(torch.equal(again[k], raw[k]) for k in raw)
     assert "raw (no EMA)" in (out / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not an export folder"):
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="config.json that eclipse-prior export did not write"):
         export_run(run_dir, tmp_path / "other")
     with pytest.raises(ConfigError, match="not a training run"):
         export_run(tmp_path / "other", tmp_path / "x")

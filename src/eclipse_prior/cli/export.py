@@ -10,12 +10,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
     p.add_argument("--out", required=True, help="export folder (config.json + safetensors + README.md)")
     p.add_argument("--no-ema", action="store_true", help="export the last checkpoint's raw weights, not the EMA")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace config.json / diffusion_pytorch_model.safetensors / README.md in --out that an earlier export "
+        "did not write (other files there are never touched)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from eclipse_prior.export import export_run
 
-    out = export_run(args.run_dir, args.out, use_ema=not args.no_ema)
+    out = export_run(args.run_dir, args.out, use_ema=not args.no_ema, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {out} ({'raw' if args.no_ema else 'EMA'} weights)")
     return 0
