@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     store = EmbeddingStore(args.data)
     prior = load_prior(args.prior, local_files_only=True if args.local_files_only else None)
     metrics = evaluate_prior(

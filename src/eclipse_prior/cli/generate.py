@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from eclipse_prior.pipelines.generate import (
         GenerationSettings,
         check_generation_numbers,
+        check_guidance,
         load_pipeline,
         read_prompts,
         regenerate,
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     check_generation_numbers(
         args.steps, args.prior_steps, args.super_res_steps, args.num_images, args.height, args.width
     )
+    check_guidance(guidance=args.guidance, prior_guidance=args.prior_guidance)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)

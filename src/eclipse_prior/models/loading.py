@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eclipse_prior.config import _check_value
 from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_default, quiet_transformers
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.models.diffusion import DiffusionPrior
@@ -27,7 +32,7 @@ def prior_class_for_config(config: dict[str, Any], source: str) -> type[EclipseP
     (e.g. Kandinsky's 1B prior, which also rescales by clip_mean/clip_std): not something this library trained.
     """
     name = config.get("_class_name")
-    if name in _CLASSES:
+    if isinstance(name, str) and name in _CLASSES:
         return _CLASSES[name]
     if name == "PriorTransformer":
         if "time_embed_act_fn" in config or "time_embed_dim" in config:
@@ -37,6 +42,47 @@ def prior_class_for_config(config: dict[str, Any], source: str) -> type[EclipseP
             )
         return EclipsePrior
     raise ConfigError(f"{source}: config class {name!r} is not a prior (expected EclipsePrior, DiffusionPrior or PriorTransformer)")
+
+
+def read_prior_config(file: Path) -> dict[str, Any]:
+    """A prior's config.json as a mapping, or a one-line error naming the file (damaged, not JSON, not a mapping)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file} is not a UTF-8 text file; restore the prior's config.json") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}); restore or re-export it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} must hold a JSON object of config fields, not {type(config).__name__}")
+    return config
+
+
+def check_prior_config(cls: type, config: dict[str, Any], source: str) -> None:
+    """The fields `cls` takes must have its types (sizes whole and not negative): a hand-edited config is one
+    line naming the field here instead of a traceback from deep inside the network's constructor."""
+    hints = typing.get_type_hints(cls.__init__)
+    for name in inspect.signature(cls.__init__).parameters:
+        if name == "self" or name not in config or name not in hints:
+            continue
+        try:
+            value = _check_value(name, config[name], hints[name])
+        except ConfigError as err:
+            raise ConfigError(f"prior {source}: config.json field {err}") from None
+        if isinstance(value, int) and value < 0:
+            raise ConfigError(f"prior {source}: config.json field {name} must be >= 0, got {value}")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs unused or missing weights itself, in many lines; the strict check below says it in one."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _local_folder(path: Path) -> Path:
@@ -84,7 +130,7 @@ def load_prior(
         kwargs["torch_dtype"] = torch_dtype
     if path.is_dir():
         folder = _local_folder(path)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_prior_config(folder / "config.json")
         target: str | Path = folder
     elif path.exists() or not looks_like_hub_id(source):
         raise ModelNotFoundError(
@@ -103,12 +149,14 @@ def load_prior(
         if local_files_only is not None:
             kwargs["local_files_only"] = local_files_only
     cls = prior_class_for_config(config, source)
+    check_prior_config(cls, config, source)
     try:
-        model, info = cls.from_pretrained(target, **kwargs)
+        with _quiet_diffusers():
+            model, info = cls.from_pretrained(target, **kwargs)
     except OSError as e:
-        raise ModelNotFoundError(
-            f"cannot load the weights of prior {source!r} ({str(e).splitlines()[0]}); {_LOCAL_HINT}"
-        ) from e
+        hint = ("its weights must be an intact .safetensors file (re-export the prior, or restore the file)"
+                if path.is_dir() else _LOCAL_HINT)
+        raise ModelNotFoundError(f"cannot load the weights of prior {source!r} ({str(e).splitlines()[0]}); {hint}") from e
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot load prior {source!r}: {str(e).splitlines()[0]}") from e
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

@@ -170,9 +170,20 @@ def resolve_model(
     return ResolvedModel(spec, folder, Path(folder).name)
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object from a model folder, or a one-line error naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); restore the file or download the model again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def _index(folder: Path) -> dict[str, Any]:
     file = folder / "model_index.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return _read_json_object(file) if file.is_file() else {}
 
 
 def decoder_kind(folder: Path) -> str:
@@ -191,8 +202,9 @@ def _load_scheduler(folder: Path) -> Any:
     """A scheduler by the diffusers class its config names (diffusers classes only)."""
     import diffusers
 
-    config = json.loads((folder / "scheduler_config.json").read_text())
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    config = _read_json_object(folder / "scheduler_config.json")
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
         raise ConfigError(f"{folder}: unknown scheduler class {config.get('_class_name')!r}")
     return cls.from_pretrained(folder)
@@ -205,7 +217,7 @@ def load_any_prior(folder: Path, dtype: torch.dtype, local_files_only: bool | No
     kakaobrain/karlo-v1-alpha) is the original diffusion prior; it comes with its UnCLIPScheduler.
     """
     entry = _index(folder).get("prior") or [None, None]
-    if entry[1] == "PriorTransformer":
+    if isinstance(entry, list) and entry[1:2] == ["PriorTransformer"]:
         from diffusers import PriorTransformer
 
         prior = load_weights(PriorTransformer, folder / "prior", dtype)
@@ -398,8 +410,76 @@ class GenerationSettings:
                         f"--{name} {value} is not a positive multiple of {multiple} (this decoder's latent scale "
                         f"squared); use e.g. {max(multiple, round(value / multiple) * multiple)}"
                     )
+            check_kandinsky_size(loaded.pipe.unet, loaded.pipe.movq, out.height, out.width, loaded.device,
+                                 DTYPES.get(loaded.dtype, torch.float32))
         check_generation_numbers(out.steps, out.prior_steps, out.super_res_steps)
+        check_guidance(guidance=out.guidance, prior_guidance=out.prior_guidance)
         return out
+
+
+# Sides up to this many times the decoder's training size: Kandinsky 2.2 is used up to about 2x its native size;
+# further, its UNet has never seen such a layout and its attention maps grow with the fourth power of the side.
+MAX_SIZE_FACTOR = 2
+
+
+def kandinsky_native_size(unet: Any, movq: Any) -> int | None:
+    """The image side the decoder was built for: the UNet's latent sample_size times the MoVQ scale (None if unset)."""
+    sample = unet.config.sample_size
+    if isinstance(sample, list | tuple):
+        sample = max(sample) if sample else None
+    if not isinstance(sample, int) or sample < 1:
+        return None
+    return sample * 2 ** (len(movq.config.block_out_channels) - 1)
+
+
+def decode_memory_estimate(unet: Any, movq: Any, height: int, width: int, dtype: torch.dtype) -> int:
+    """Bytes of the largest attention map a decode builds (UNet with guidance: batch 2; MoVQ's latent-resolution
+    attention: batch 1), if attention is not computed in tiles. A rough bound, for the refusal message."""
+    scale = 2 ** (len(movq.config.block_out_channels) - 1)
+    latent = (height // scale) * (width // scale)
+    size = torch.finfo(dtype).bits // 8
+    head_dim = unet.config.attention_head_dim
+    largest = latent * latent * 4  # MoVQ decoder's mid-block attention: one head, float32
+    for level, (block, channels) in enumerate(zip(unet.config.down_block_types, unet.config.block_out_channels,
+                                                  strict=False)):
+        if "Attn" in block:
+            dim = head_dim[level] if isinstance(head_dim, list | tuple) else head_dim
+            heads = max(1, channels // int(dim or channels))
+            tokens = latent // 4**level
+            largest = max(largest, 2 * heads * tokens * tokens * size)
+    return largest
+
+
+def _available_memory(device: str) -> int | None:
+    """Free bytes where the decode runs: the GPU's free memory, or the machine's MemAvailable."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_kandinsky_size(unet: Any, movq: Any, height: int, width: int, device: str, dtype: torch.dtype) -> None:
+    """One line instead of an out-of-memory kill: sizes beyond MAX_SIZE_FACTOR x the decoder's native size, or whose
+    attention maps would not fit the memory that is free, are refused with the estimate."""
+    need = decode_memory_estimate(unet, movq, height, width, dtype)
+    estimate = f"a {height}x{width} decode needs about {need / 2**30:.1f} GiB for its largest attention map"
+    native = kandinsky_native_size(unet, movq)
+    if native is not None and max(height, width) > MAX_SIZE_FACTOR * native:
+        raise ConfigError(
+            f"--height {height} --width {width} is beyond what this decoder supports: it was built for {native}x{native} "
+            f"(UNet sample_size x MoVQ scale) and sides up to {MAX_SIZE_FACTOR * native} are allowed; {estimate}"
+        )
+    free = _available_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"--height {height} --width {width} would not fit: {estimate} but {free / 2**30:.1f} GiB is free on "
+            f"{device}; choose a smaller size"
+        )
 
 
 def kandinsky_size_multiple(movq: Any) -> int:
@@ -422,6 +502,15 @@ def check_generation_numbers(
     for flag, value in named.items():
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
+
+
+def check_guidance(**scales: float | None) -> None:
+    """Guidance scales must be finite and not negative (nan would silently make black or noise images)."""
+    import math
+
+    for name, value in scales.items():
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 def _versions() -> dict[str, str]:
@@ -471,12 +560,14 @@ def generate_batch(
     the images decoded; each image keeps its own generator, so the pixels are the same either way. The
     progress bar counts prompts.
     """
-    from tqdm.auto import tqdm
+    from eclipse_prior.outputs import progress as progress_bar
 
     settings = (settings or GenerationSettings()).resolved(loaded)
     pipe = loaded.pipe
     prompts = list(dict.fromkeys(p for p, _ in requests))
-    bar = tqdm(total=len(prompts), unit="prompt", disable=not progress)
+    for text in [*prompts, *([settings.negative_prompt] if settings.negative_prompt else [])]:
+        report_truncation(getattr(pipe, "tokenizer", None), text)
+    bar = progress_bar(total=len(prompts), unit="prompt", enabled=progress, desc="generate")
     remaining = {p: sum(q == p for q, _ in requests) for p in prompts}
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _, seed in requests]
 
@@ -507,6 +598,28 @@ def generate_batch(
         (image, _sidecar(loaded, settings, prompt, int(seed)))
         for image, (prompt, seed) in zip(images, requests, strict=True)
     ]
+
+
+def truncated_text(tokenizer: Any, prompt: str) -> str | None:
+    """The part of `prompt` the text encoder never sees (past the tokenizer's max length), or None."""
+    from eclipse_prior.encoders._hf import quiet_transformers
+
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+        return None
+    with quiet_transformers():  # it warns about the length we are measuring
+        ids = tokenizer(prompt, truncation=False).input_ids
+    if len(ids) <= limit:
+        return None
+    return tokenizer.decode(ids[limit - 1 : -1])  # what truncation drops: all but the kept tokens and the end token
+
+
+def report_truncation(tokenizer: Any, prompt: str) -> None:
+    """Say what was cut from a long prompt, as the authors' pipeline does (the image ignores that part)."""
+    cut = truncated_text(tokenizer, prompt)
+    if cut is not None:
+        print(f"note: the prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer than the text "
+              f"encoder's {tokenizer.model_max_length} tokens; this part was cut: {cut!r}", file=sys.stderr)
 
 
 def _decode(loaded: LoadedPipeline, embeds: Any, gen: torch.Generator, s: GenerationSettings) -> Image.Image:
@@ -621,7 +734,41 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{file} is not JSON ({err.msg})") from err
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise ConfigError(f"{file} is not an eclipse-prior image sidecar (format {SIDECAR_FORMAT})")
+    check_sidecar(data, file)
     return data
+
+
+def check_sidecar(data: dict[str, Any], file: Path) -> None:
+    """Every field regeneration reads must have its type (a hand-edited sidecar is one line naming the field)."""
+    from eclipse_prior.config import config_from_mapping
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{file}: field {field} must be {what}, got {data.get(field)!r}"
+                              if "." not in field else f"{file}: field {field} must be {what}")
+
+    need(isinstance(data.get("prompt"), str), "prompt", "a string")
+    need(isinstance(data.get("seed"), int) and not isinstance(data.get("seed"), bool), "seed", "an integer")
+    need(data.get("dtype") in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+    need(isinstance(data.get("device"), str), "device", "a string")
+    models = data.get("models")
+    need(isinstance(models, dict), "models", "an object with prior, decoder and clip entries")
+    for role in ("prior", "decoder", "clip"):
+        entry = models.get(role)
+        if entry is None and role == "clip":
+            continue
+        need(isinstance(entry, dict), f"models.{role}", "an object")
+        need(isinstance(entry.get("id"), str), f"models.{role}.id", "a string")
+        for key in ("path", "revision"):
+            need(entry.get(key) is None or isinstance(entry.get(key), str), f"models.{role}.{key}", "a string or null")
+        digests = entry.get("weights_sha256")
+        need(digests is None or isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values()),
+             f"models.{role}.weights_sha256", "an object of file: sha256")
+    names = {f.name for f in GenerationSettings.__dataclass_fields__.values()}
+    try:
+        config_from_mapping(GenerationSettings, {k: data[k] for k in names if k in data}, str(file))
+    except ConfigError as err:
+        raise ConfigError(f"{file}: field {err}") from None
 
 
 def _model_spec(entry: dict[str, Any] | None) -> str | None:
