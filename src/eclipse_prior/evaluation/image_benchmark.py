@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.evaluation import compbench, frechet, paper_numbers, scorers, stats
+from eclipse_prior.outputs import progress as progress_bar
 
 Generator = Callable[[str, str, int], tuple[Image.Image, dict[str, Any]]]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -187,7 +186,7 @@ def ensure_images(
     leaves no image that looks complete.
     """
     report = GenerationReport()
-    for item in tqdm(items, desc="images", unit="img", disable=not progress, file=sys.stderr):
+    for item in progress_bar(items, desc="images", unit="img", enabled=progress):
         request = _request(item, request_base)
         if _cached(item, request):
             report.reused += 1
@@ -398,7 +397,7 @@ def score_images(
     previous = _load_previous_scores(out)
     records, rescored = [], 0
     with open(out / "scores.partial.jsonl", "a", encoding="utf-8") as partial:
-        for item in tqdm(items, desc="scoring", unit="img", disable=not progress, file=sys.stderr):
+        for item in progress_bar(items, desc="scoring", unit="img", enabled=progress):
             settings = _scorer_settings(cfg, item.category, parser.parse(item.prompt), parser)
             digest = _sha256(item.path)
             old = previous.get(item.key)

@@ -242,7 +242,8 @@ def subset_store(source: str | Path, out: str | Path, n: int) -> Path:
 
 
 def train_spec(
-    spec: PriorSpec, store: Path, run_dir: Path, cfg: BenchmarkConfig, tau: float, log: Callable[[str], None]
+    spec: PriorSpec, store: Path, run_dir: Path, cfg: BenchmarkConfig, tau: float, log: Callable[[str], None],
+    progress: bool = True,
 ) -> Path:
     """Train (or resume, or reuse) one prior with the project's trainer; returns its run folder."""
     from eclipse_prior.training import TrainConfig, train
@@ -257,7 +258,7 @@ def train_spec(
         warmup_steps=min(cfg.warmup, cfg.steps - 1), checkpoint_every=max(50, cfg.steps // 4), keep_checkpoints=1,
         val_every=0, log_every=max(1, min(50, cfg.steps)), seed=spec.seed, pooled_only=cfg.pooled_only,
         report_to="none", num_workers=0, verify_store=False, ema_decay=0.99,
-        resume=(run_dir / "config.yaml").is_file(),
+        resume=(run_dir / "config.yaml").is_file(), progress=progress,
     )
     log(f"training {spec.name} ({cfg.steps} steps)")
     t0 = time.time()
@@ -362,7 +363,7 @@ class Benchmark:
         if all(str(s) in cached for s in want):
             return cached
         run = train_spec(spec, self.store_for(spec.train_size), self.out / "runs" / spec.name, self.cfg, self.tau,
-                         self.log)
+                         self.log, self.progress)
         prior = load_run_prior(run)
         for steps in want:
             if str(steps) not in cached:
@@ -381,13 +382,13 @@ class Benchmark:
 
     def run(self) -> dict[str, Any]:
         """The whole benchmark: main table, ablations, judge part, files; returns the results dict."""
-        from tqdm.auto import tqdm
+        from eclipse_prior.outputs import progress as progress_bar
 
         c = self.cfg
         t_start = time.time()
         main: dict[str, list[dict]] = {row: [] for row in MAIN_ROWS}
         specs = self.main_specs()
-        for spec in tqdm(specs, desc="main priors", unit="prior", disable=not self.progress):
+        for spec in progress_bar(specs, desc="main priors", unit="prior", enabled=self.progress):
             ev = self.evaluate_spec(spec, c.diffusion_steps if c.ablations else ())
             key = str(c.prior_steps) if spec.objective == "diffusion" else "0"
             main[OBJECTIVE_LABELS[spec.objective]].append(ev[key])
@@ -524,10 +525,10 @@ class Benchmark:
         for seed in range(c.seeds):
             jobs.append((ROW_TEXT, seed, first_run, self.text["text_embeds"][idx]))
             jobs.append((ROW_ORACLE, seed, first_run, self.oracle_embeds(seed)[idx]))
-        from tqdm.auto import tqdm
+        from eclipse_prior.outputs import progress as progress_bar
 
         pipe: PipelineDecoder | None = None
-        for row, seed, run_dir, given in tqdm(jobs, desc="decode+judge", unit="row", disable=not self.progress):
+        for row, seed, run_dir, given in progress_bar(jobs, desc="decode+judge", unit="row", enabled=self.progress):
             slug = row.split(" ")[0].lower() + f"-s{seed}" + ("" if given is not None else "-" + run_dir.name)
             path = cache / f"{slug}.npz"
             if path.is_file():

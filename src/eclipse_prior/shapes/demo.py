@@ -167,7 +167,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         log(f"decode step skipped: {why}")
         decoder = None
     if decoder is not None:
-        from tqdm.auto import tqdm
+        from eclipse_prior.outputs import progress as progress_bar
 
         rng = np.random.default_rng(0)
         renders = np.stack([render_array(scene_for(c, category_of(c), rng)) for c in comps])
@@ -181,7 +181,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
                 ("Oracle", runs[OBJECTIVE_LABELS["eclipse"]], oracle),
                 ("Text embedding", runs[OBJECTIVE_LABELS["eclipse"]], text)]
         pipe = PipelineDecoder(decoder, bench.clip_dir, jobs[0][1])
-        for name, run, given in tqdm(jobs, desc="decode grid", unit="column", disable=not progress):
+        for name, run, given in progress_bar(jobs, desc="decode grid", unit="column", enabled=progress):
             columns[name] = pipe.decode(run, prompts, 0, cfg.decoder_steps, 4.0, image_embeds=given)
         grid_path = write_grid(out / "grid.png", prompts, held, columns)
     seconds = time.time() - t0
