@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         split_size_warning,
     )
     from eclipse_prior.models import load_prior
+    from eclipse_prior.outputs import write_text_atomic
 
     for name in ("batch_size", "steps", "max_samples"):
         value = getattr(args, name)
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ConfigError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; name a file, e.g. {Path(args.json) / 'metrics.json'}")
     store = EmbeddingStore(args.data)
     prior = load_prior(args.prior, local_files_only=True if args.local_files_only else None)
     metrics = evaluate_prior(
@@ -88,7 +90,5 @@ def run(args: argparse.Namespace) -> int:
         }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(dumps_json(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, dumps_json(report, indent=2) + "\n")
     return 0

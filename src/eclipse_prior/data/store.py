@@ -254,6 +254,30 @@ def _bad_dtype(dtype: Any) -> str:
     raise StoreError(f"unsupported store dtype {dtype!r}; use fp16 or fp32")
 
 
+# Manifest fields readers rely on, with their types (a hand-edited manifest is one line, not a KeyError later).
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "clip": dict, "image_dim": int, "text_dim": int, "has_text_states": bool, "dtype": str, "normalized": bool,
+    "shards": list, "split": dict,
+}
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    def bad(what: str) -> StoreError:
+        return StoreError(f"store {path}: {MANIFEST} {what}; the store is damaged, re-embed it")
+
+    for key, kind in _MANIFEST_TYPES.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool) and kind is int:
+            raise bad(f"field {key} is missing or not a {getattr(kind, '__name__', kind)}")
+    if not isinstance(manifest["clip"].get("id"), str) or not isinstance(manifest["split"].get("val_fraction"),
+                                                                         int | float):
+        raise bad("has no clip id or split val_fraction")
+    for shard in manifest["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("rows"), int)
+                and not isinstance(shard.get("rows"), bool) and shard["rows"] >= 0
+                and "/" not in shard["name"] and shard["name"] not in ("", ".", "..")):
+            raise bad(f"lists a shard that is not {{name, rows}}: {str(shard)[:80]}")
+
+
 class EmbeddingStore:
     """Read-only, memory-mapped view of a finished store; every vector comes out as float32."""
 
@@ -272,11 +296,14 @@ class EmbeddingStore:
             self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise StoreError(f"store {self.path}: unreadable {MANIFEST} ({err})") from err
+        if not isinstance(self.manifest, dict):
+            raise StoreError(f"store {self.path}: {MANIFEST} does not hold an object; re-embed the store")
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise StoreError(
                 f"store {self.path}: format {self.manifest.get('format')!r} v{self.manifest.get('version')} "
                 f"is not {FORMAT} v{VERSION}"
             )
+        _check_manifest(self.path, self.manifest)
         self._shards = self.manifest["shards"]
         self._offsets = np.concatenate([[0], np.cumsum([s["rows"] for s in self._shards])]).astype(np.int64)
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
