@@ -28,7 +28,12 @@ import yaml
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.evaluation.embedding_metrics import METRIC_DESCRIPTIONS
 from eclipse_prior.outputs import claim_dir, write_json_atomic
-from eclipse_prior.training.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from eclipse_prior.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    read_checkpoint,
+    safetensors_io_errors,
+)
 from eclipse_prior.training.resume import read_metrics
 
 # What an export writes, in the order it moves them in (weights first, the card last).
@@ -205,7 +210,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, o
         tmp = out_dir / f".export-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            prior.save_pretrained(tmp, safe_serialization=True)
+            with safetensors_io_errors(out_dir):
+                prior.save_pretrained(tmp, safe_serialization=True)
             _released_config(tmp / "config.json", prior)
             (tmp / "README.md").write_text(model_card(run_dir, use_ema, prior))
             written = {name: _sha256(tmp / name) for name in EXPORT_FILES}

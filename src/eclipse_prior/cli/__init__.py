@@ -74,6 +74,7 @@ EXPECTED_OS_ERRORS = {
     errno.EROFS: "read-only file system: choose an output on a writable disk",
     errno.ENOSPC: "no space left on the device: free space or choose another output disk, then rerun to resume",
     errno.EDQUOT: "disk quota exceeded: free space or choose another output disk, then rerun to resume",
+    errno.EFBIG: "file too large for the file system or the process's file-size limit (ulimit -f)",
     errno.ENOTDIR: "a path component is a file, not a folder",
     errno.EISDIR: "is a folder, not a file",
     errno.EEXIST: "already exists",

@@ -13,12 +13,14 @@ truncated file, hand-edited JSON) raises `CheckpointError` when read, so a resum
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,19 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetenso
 
 class CheckpointError(EclipsePriorError):
     """A checkpoint folder that cannot be read back (truncated, empty or hand-edited files)."""
+
+
+@contextlib.contextmanager
+def safetensors_io_errors(path: Path) -> Iterator[None]:
+    """safetensors reports a full disk or a file-size limit as SafetensorError("... (os error 28)"): turn those
+    into the OSError they are, so the CLI says them in one line like every other I/O failure."""
+    try:
+        yield
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
 
 
 class EMA:
@@ -130,32 +145,33 @@ def save_checkpoint(
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file(_tensors_for_file(model.state_dict()), tmp / "model.safetensors")
-        save_file(_tensors_for_file(ema.model.state_dict()), tmp / "ema.safetensors")
-        opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_meta = rng_state()
-        save_file(_tensors_for_file(rng_tensors), tmp / "rng.safetensors")
-        state = {
-            "step": step,
-            "ema_updates": ema.num_updates,
-            "optimizer": opt_meta,
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_meta,
-            **extra,
-        }
-        (tmp / "state.json").write_text(json.dumps(state))
-        for name in CHECKPOINT_FILES:  # on disk before the rename makes the folder a checkpoint
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (e.g. the final one of a resumed, finished run)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:  # a full disk or a kill: no half-written folder left behind, the older ones stay
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with safetensors_io_errors(checkpoints_dir):  # a full disk is an OSError (one line), not a SafetensorError
+        try:
+            tmp.mkdir()
+            save_file(_tensors_for_file(model.state_dict()), tmp / "model.safetensors")
+            save_file(_tensors_for_file(ema.model.state_dict()), tmp / "ema.safetensors")
+            opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            rng_tensors, rng_meta = rng_state()
+            save_file(_tensors_for_file(rng_tensors), tmp / "rng.safetensors")
+            state = {
+                "step": step,
+                "ema_updates": ema.num_updates,
+                "optimizer": opt_meta,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_meta,
+                **extra,
+            }
+            (tmp / "state.json").write_text(json.dumps(state))
+            for name in CHECKPOINT_FILES:  # on disk before the rename makes the folder a checkpoint
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            if final.exists():  # re-saving a step (e.g. the final one of a resumed, finished run)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:  # a full disk or a kill: no half-written folder left behind, the older ones stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

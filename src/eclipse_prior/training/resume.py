@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -68,6 +69,25 @@ def claim_run(run_dir: Path, accelerator: Any, command: str) -> Iterator[None]:
             if main and created:
                 _remove_if_only_lock(run_dir)
             raise
+
+
+def refuse_if_held(run_dir: Path) -> None:
+    """The holder's one-line refusal before anything else is checked or opened (a run in progress there is the
+    first thing to say); creates nothing. The claim itself (`claim_run`) is what excludes a second run."""
+    import fcntl
+
+    lock = run_dir / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (or unreadable): nobody to name; claim_run decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with ExitStack() as stack:  # claim_dir words the refusal, naming the holder
+            stack.enter_context(claim_dir(run_dir, "check"))
+    finally:
+        os.close(fd)
 
 
 def _remove_if_only_lock(folder: Path) -> None:

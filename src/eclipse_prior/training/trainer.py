@@ -40,7 +40,7 @@ from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import contrastive_loss, projection_loss
 from eclipse_prior.outputs import progress as progress_bar
 from eclipse_prior.outputs import write_json_atomic
-from eclipse_prior.training.checkpoint import EMA, save_checkpoint
+from eclipse_prior.training.checkpoint import EMA, safetensors_io_errors, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
 from eclipse_prior.training.resume import (
     check_data_fingerprint,
@@ -50,6 +50,7 @@ from eclipse_prior.training.resume import (
     load_latest_good_checkpoint,
     read_metrics,
     read_run_info,
+    refuse_if_held,
     remove_stale_temporaries,
     truncate_metrics,
 )
@@ -280,7 +281,8 @@ def save_prior_atomic(prior: nn.Module, target: Path) -> None:
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        prior.save_pretrained(tmp, safe_serialization=True)
+        with safetensors_io_errors(target):
+            prior.save_pretrained(tmp, safe_serialization=True)
     except BaseException:  # a full disk: the previous prior/ stays, no temporary folder is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -346,6 +348,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     """
     cfg.check()
     run_dir = Path(cfg.out)
+    refuse_if_held(run_dir)  # a run in progress there is said first, naming it
     check_run_dir(cfg, run_dir)  # early one-line errors, before the store is verified; checked again once claimed
     store = _open_store(cfg)
     if not store.has_text_states and not cfg.pooled_only:
