@@ -96,6 +96,11 @@ def _yaml_config(tmp: Path, store: Path, fields: dict) -> list[str]:
     return ["train", "--config", str(config), "--out", str(tmp / "out")]
 
 
+def _latin1_config(tmp: Path, store: Path) -> list[str]:
+    (tmp / "train.yaml").write_bytes(f"data: {store}\npreset: tiny\n# caf\xe9\n".encode("latin-1"))
+    return ["train", "--config", str(tmp / "train.yaml"), "--out", str(tmp / "out")]
+
+
 def _file_as_out(tmp: Path, store: Path) -> list[str]:
     (tmp / "out").write_text("my notes")
     return _flags(store, tmp / "out")
@@ -124,6 +129,8 @@ TRAIN_REFUSALS = [
     Case("yaml-wrong-type", lambda t, s: _yaml_config(t, s, {"steps": "ten"}), ("steps", "integer")),
     Case("yaml-nan", lambda t, s: _yaml_config(t, s, {"lr": float("nan")}), ("lr", "finite")),
     Case("yaml-list-for-number", lambda t, s: _yaml_config(t, s, {"lam": [0.2]}), ("lam", "number")),
+    Case("yaml-not-utf8", _latin1_config, ("train.yaml", "UTF-8")),
+    Case("negative-seed", lambda t, s: _flags(s, t / "out", "--seed", "-1"), ("seed",)),
     Case("out-is-a-file", _file_as_out, ("not a folder",)),
     Case("resume-nonexistent", lambda t, s: _flags(s, t / "out", "--resume"), ("holds no run", "drop --resume")),
     Case("resume-empty-folder", _empty_dir, ("holds no run",)),
@@ -463,6 +470,7 @@ def test_evaluate_damaged_inputs_are_one_line(name, spoil, needles, finished_run
 def test_evaluate_bad_values_are_one_line(finished_run, store, tmp_path, capsys):
     base = ["evaluate", str(finished_run), "--data", str(store)]
     one_line_error(capsys, main([*base, "--guidance", "nan"]), "--guidance")
+    one_line_error(capsys, main([*base, "--seed", "-1"]), "--seed")
     one_line_error(capsys, main([*base, "--json", str(tmp_path)]), "is a folder")
     assert not list(tmp_path.iterdir())
 
@@ -516,6 +524,7 @@ def test_generate_hand_edited_sidecar_and_damaged_prior_are_one_line(decoder, ti
     sidecar = json.loads((out / "00000-a-s0.json").read_text())
     edits = {
         "seed": ({"seed": "7"}, "seed"),
+        "seed-range": ({"seed": 2**70}, "seed"),
         "steps": ({"steps": "many"}, "steps"),
         "guidance-nan": ({"guidance": float("nan")}, "guidance"),
         "height": ({"height": [64]}, "height"),
@@ -529,6 +538,12 @@ def test_generate_hand_edited_sidecar_and_damaged_prior_are_one_line(decoder, ti
         edited.write_text(json.dumps({**sidecar, **change}))
         one_line_error(capsys, main(["generate", "--from-sidecar", str(edited)]), str(edited), field)
         assert not edited.with_name(f"{name}-regen.png").exists()
+    (tmp_path / "prompts.txt").write_bytes("a caf\xe9 on the left\n".encode("latin-1"))
+    for extra, needle in ((["--prompts-file", str(tmp_path / "prompts.txt")], "UTF-8"),
+                          (["--prompt", "a", "--seed", "-3"], "--seed"),
+                          (["--prompt", "a", "--out", str(tmp_path / "prompts.txt")], "is a file")):
+        argv = [*_generate(prior, decoder, tiny_clip_dir, tmp_path / "x"), *extra]
+        one_line_error(capsys, main(argv), needle)
     (prior / "config.json").write_text('{"_class_name": 3}')
     one_line_error(capsys, main(_generate(prior, decoder, tiny_clip_dir, tmp_path / "x", "--prompt", "a")), "prior")
     assert not (tmp_path / "x").exists()

@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ConfigError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.json and Path(args.json).is_dir():

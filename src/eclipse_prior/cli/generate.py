@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         GenerationSettings,
         check_generation_numbers,
         check_guidance,
+        check_seed,
         load_pipeline,
         read_prompts,
         regenerate,
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         args.steps, args.prior_steps, args.super_res_steps, args.num_images, args.height, args.width
     )
     check_guidance(guidance=args.guidance, prior_guidance=args.prior_guidance)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a folder; choose another output folder")
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         super_res_steps=args.super_res_steps,
     )
+    check_seed(args.seed, len(prompts) * args.num_images)
     grid_name = f"{Path(args.prompts_file).stem}-grid" if args.prompts_file else "grid"
     out = args.out or "out/generate"
     result = run_generation(loaded, prompts, out, args.num_images, args.seed, settings, grid_name)

@@ -8,9 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
-from eclipse_prior.config import add_dataclass_arguments, build_config
+from eclipse_prior.config import add_dataclass_arguments, build_config, load_yaml_mapping
 from eclipse_prior.training.config import TrainConfig
 
 
@@ -39,8 +37,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         return build_config(TrainConfig, args, args.config)
     layered = argparse.Namespace(**vars(args))
     if args.config:  # the --config file's own fields sit between the saved run and the flags
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        for name, value in loaded.items():
+        for name, value in load_yaml_mapping(args.config).items():
             if getattr(layered, name, None) is None:
                 setattr(layered, name, value)
     layered.resume = True

@@ -504,6 +504,12 @@ def check_generation_numbers(
             raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
+def check_seed(seed: int, count: int = 1) -> None:
+    """Image k gets seed + k: all of them must be valid 64-bit generator seeds."""
+    if not (isinstance(seed, int) and 0 <= seed and seed + count <= 2**63):
+        raise ConfigError(f"--seed must be an integer in [0, 2**63 - {count}], got {seed!r}")
+
+
 def check_guidance(**scales: float | None) -> None:
     """Guidance scales must be finite and not negative (nan would silently make black or noise images)."""
     import math
@@ -678,7 +684,11 @@ def read_prompts(path: str | Path) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"prompts file not found: {file}")
-    prompts = [line.strip() for line in file.read_text().splitlines()]
+    try:
+        text = file.read_bytes().decode("utf-8-sig")  # a BOM from Windows editors is not part of the first prompt
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompts file {file} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ConfigError(f"prompts file {file} holds no prompts")
@@ -748,7 +758,9 @@ def check_sidecar(data: dict[str, Any], file: Path) -> None:
                               if "." not in field else f"{file}: field {field} must be {what}")
 
     need(isinstance(data.get("prompt"), str), "prompt", "a string")
-    need(isinstance(data.get("seed"), int) and not isinstance(data.get("seed"), bool), "seed", "an integer")
+    seed = data.get("seed")
+    need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63, "seed",
+         "an integer in [0, 2**63)")
     need(data.get("dtype") in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
     need(isinstance(data.get("device"), str), "device", "a string")
     models = data.get("models")

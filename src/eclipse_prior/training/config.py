@@ -134,5 +134,7 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if not 0 <= self.seed < 2**63:  # torch and numpy seeds: non-negative, 64-bit
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -35,8 +35,13 @@ from eclipse_prior.training.config import TrainConfig
 Log = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
+def note(message: str) -> None:
+    """The default log of these checks: a line on stderr."""
     print(message, file=sys.stderr)
+
+
+def silent(message: str) -> None:
+    """The log of ranks other than 0 (one note per run, not one per process)."""
 
 
 @contextmanager
@@ -153,7 +158,7 @@ def data_fingerprint(store: Any) -> dict[str, Any]:
     }
 
 
-def read_run_info(run_dir: Path, log: Log = _stderr) -> dict[str, Any] | None:
+def read_run_info(run_dir: Path, log: Log = note) -> dict[str, Any] | None:
     """run.json as a dict; None when missing, or (with a note) when it does not parse."""
     path = run_dir / "run.json"
     if not path.is_file():
@@ -169,9 +174,9 @@ def read_run_info(run_dir: Path, log: Log = _stderr) -> dict[str, Any] | None:
     return info
 
 
-def check_data_fingerprint(cfg: TrainConfig, run_dir: Path, current: dict[str, Any], log: Log = _stderr) -> None:
+def check_data_fingerprint(cfg: TrainConfig, run_dir: Path, current: dict[str, Any], log: Log = note) -> None:
     """On --resume: the store must be the one the run started on, unless --allow-changed-data."""
-    info = read_run_info(run_dir, log)
+    info = read_run_info(run_dir, log=silent)
     if info is None:
         problem = f"{run_dir / 'run.json'} is missing or unreadable, so the store the run trained on cannot be checked"
     else:
@@ -195,7 +200,7 @@ def check_data_fingerprint(cfg: TrainConfig, run_dir: Path, current: dict[str, A
 
 
 def load_latest_good_checkpoint(
-    checkpoints_dir: Path, prior: Any, ema: Any, optimizer: Any, scheduler: Any, log: Log = _stderr
+    checkpoints_dir: Path, prior: Any, ema: Any, optimizer: Any, scheduler: Any, log: Log = note
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest checkpoint that reads and fits; damaged newer ones are skipped with a note.
 
@@ -239,7 +244,7 @@ def read_metrics(path: Path, log: Log | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_metrics(path: Path, step: int, log: Log = _stderr) -> None:
+def truncate_metrics(path: Path, step: int, log: Log = note) -> None:
     """Keep the log lines up to the checkpoint we resume from (later ones will be written again)."""
     if not path.is_file():
         return

@@ -48,10 +48,12 @@ from eclipse_prior.training.resume import (
     claim_run,
     data_fingerprint,
     load_latest_good_checkpoint,
+    note,
     read_metrics,
     read_run_info,
     refuse_if_held,
     remove_stale_temporaries,
+    silent,
     truncate_metrics,
 )
 
@@ -487,7 +489,7 @@ def _claim_and_check_run(
     fingerprint = data_fingerprint(store)
     main = accelerator.is_main_process
     if cfg.resume:
-        check_data_fingerprint(cfg, run_dir, fingerprint, log=_stderr_line if main else _silent)
+        check_data_fingerprint(cfg, run_dir, fingerprint, log=note if main else silent)
     if main:
         remove_stale_temporaries(run_dir)
     return fingerprint
@@ -500,19 +502,11 @@ def _resume_from_checkpoint(
     first checkpoint (the run starts from step 0, said once)."""
     if not cfg.resume:
         return None
-    log = _stderr_line if main else _silent
+    log = note if main else silent
     loaded = load_latest_good_checkpoint(checkpoints_dir, prior, ema, optimizer, scheduler, log=log)
     if loaded is None:
         log(f"note: {cfg.out} has no checkpoint yet (stopped before its first one): starting from step 0")
     return loaded
-
-
-def _stderr_line(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _silent(message: str) -> None:
-    pass
 
 
 def _release(accelerator: Any) -> None:
