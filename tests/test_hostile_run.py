@@ -101,6 +101,12 @@ def _latin1_config(tmp: Path, store: Path) -> list[str]:
     return ["train", "--config", str(tmp / "train.yaml"), "--out", str(tmp / "out")]
 
 
+def _damaged_init(tmp: Path, store: Path) -> list[str]:
+    EclipsePrior.from_preset("tiny", 32, 8).save_pretrained(tmp / "init")
+    (tmp / "init" / "config.json").write_text('{"_class_name": "EclipsePrior", "num_layers": "two"}')
+    return _flags(store, tmp / "out", "--init-from", str(tmp / "init"))
+
+
 def _file_as_out(tmp: Path, store: Path) -> list[str]:
     (tmp / "out").write_text("my notes")
     return _flags(store, tmp / "out")
@@ -132,6 +138,9 @@ TRAIN_REFUSALS = [
     Case("yaml-not-utf8", _latin1_config, ("train.yaml", "UTF-8")),
     Case("negative-seed", lambda t, s: _flags(s, t / "out", "--seed", "-1"), ("seed",)),
     Case("out-is-a-file", _file_as_out, ("not a folder",)),
+    # refused after the run folder was claimed (created): the folder is removed again
+    Case("unknown-preset", lambda t, s: _flags(s, t / "out", "--preset", "huge"), ("unknown preset",)),
+    Case("damaged-init-from", _damaged_init, ("num_layers", "integer")),
     Case("resume-nonexistent", lambda t, s: _flags(s, t / "out", "--resume"), ("holds no run", "drop --resume")),
     Case("resume-empty-folder", _empty_dir, ("holds no run",)),
     Case("resume-edited-config", _edited_saved_config, ("batch_size", "integer")),
@@ -148,6 +157,28 @@ def test_train_refusals_are_one_line_and_touch_nothing(case, store, tmp_path, ca
     one_line_error(capsys, main(argv), *case.needles)
     assert snapshot(tmp_path) == before  # the output folder included: a refused run writes nothing, anywhere
     assert (snapshot(work / "out") if (work / "out").is_dir() else None) == out_before
+
+
+def test_claim_run_refuses_a_held_folder_and_removes_a_folder_it_created(tmp_path):
+    from types import SimpleNamespace
+
+    from eclipse_prior.outputs import OutputBusyError, claim_dir
+    from eclipse_prior.training.resume import claim_run
+
+    one_process = SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"))
+    with claim_dir(tmp_path / "held", "holder"):
+        with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
+            with claim_run(tmp_path / "held", one_process, "second"):
+                pass
+    with pytest.raises(RuntimeError, match="failed"):
+        with claim_run(tmp_path / "new", one_process, "train"):
+            raise RuntimeError("failed before writing anything")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with claim_run(tmp_path / "kept", one_process, "train"):
+            raise RuntimeError("failed")
+    assert (tmp_path / "kept").is_dir()  # a folder that existed before is never removed
 
 
 def _truncate(path: Path) -> None:

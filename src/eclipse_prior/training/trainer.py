@@ -473,8 +473,11 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             run_info = json.loads((run_dir / "run.json").read_text())
             run_info["status"] = "finished"
             write_json_atomic(run_dir / "run.json", run_info)
+    except BaseException:
+        claim.__exit__(*sys.exc_info())  # the claim learns the run failed: a folder it created and left empty goes
+        raise
     finally:
-        claim.close()
+        claim.close()  # released (a no-op after a failure)
         _release(accelerator)
     return run_dir
 
