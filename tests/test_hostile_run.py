@@ -129,6 +129,7 @@ TRAIN_REFUSALS = [
     Case("lr-inf", lambda t, s: _flags(s, t / "out", "--lr", "inf"), ("lr", "finite")),
     Case("negative-steps", lambda t, s: _flags(s, t / "out", "--steps", "-5"), ("steps", ">= 1")),
     Case("negative-batch", lambda t, s: _flags(s, t / "out", "--batch-size", "-8"), ("batch_size", ">= 1")),
+    Case("batch-beyond-memory", lambda t, s: _flags(s, t / "out", "--batch-size", str(10**11)), ("GiB", "free")),
     Case("zero-tau", lambda t, s: _flags(s, t / "out", "--tau", "0"), ("tau", "> 0")),
     Case("negative-lam", lambda t, s: _flags(s, t / "out", "--lam", "-0.5"), ("lam", ">= 0")),
     Case("nan-grad-clip", lambda t, s: _flags(s, t / "out", "--grad-clip", "nan"), ("grad_clip", "finite")),

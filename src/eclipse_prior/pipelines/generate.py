@@ -450,34 +450,23 @@ def decode_memory_estimate(unet: Any, movq: Any, height: int, width: int, dtype:
     return largest
 
 
-def _available_memory(device: str) -> int | None:
-    """Free bytes where the decode runs: the GPU's free memory, or the machine's MemAvailable."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_kandinsky_size(unet: Any, movq: Any, height: int, width: int, device: str, dtype: torch.dtype) -> None:
     """One line instead of an out-of-memory kill: sizes beyond MAX_SIZE_FACTOR x the decoder's native size, or whose
     attention maps would not fit the memory that is free, are refused with the estimate."""
+    from eclipse_prior.resources import available_memory, gib
+
     need = decode_memory_estimate(unet, movq, height, width, dtype)
-    estimate = f"a {height}x{width} decode needs about {need / 2**30:.1f} GiB for its largest attention map"
+    estimate = f"a {height}x{width} decode needs about {gib(need)} for its largest attention map"
     native = kandinsky_native_size(unet, movq)
     if native is not None and max(height, width) > MAX_SIZE_FACTOR * native:
         raise ConfigError(
             f"--height {height} --width {width} is beyond what this decoder supports: it was built for {native}x{native} "
             f"(UNet sample_size x MoVQ scale) and sides up to {MAX_SIZE_FACTOR * native} are allowed; {estimate}"
         )
-    free = _available_memory(device)
+    free = available_memory(device)
     if free is not None and need > free:
         raise ConfigError(
-            f"--height {height} --width {width} would not fit: {estimate} but {free / 2**30:.1f} GiB is free on "
+            f"--height {height} --width {width} would not fit: {estimate} but {gib(free)} is free on "
             f"{device}; choose a smaller size"
         )
 

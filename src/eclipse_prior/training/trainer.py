@@ -195,6 +195,22 @@ def _open_store(cfg: TrainConfig) -> Any:
     return store
 
 
+def _check_batches_fit(cfg: TrainConfig, store: Any) -> None:
+    """A batch (and the ones prefetched) must fit in memory: `--batch-size 100000000` is one line, not a kill."""
+    from eclipse_prior.resources import available_memory, gib
+
+    width = store.image_dim + store.text_dim
+    if store.has_text_states and not cfg.pooled_only:
+        width += (store.text_seq_len or 0) * ((store.text_state_dim or 0) + 1)
+    need = 4 * width * cfg.batch_size * (1 + cfg.num_workers)  # float32 rows of this rank's batches in flight
+    free = available_memory("cpu")  # batches are read and prefetched in host memory
+    if free is not None and need > free:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} with --num-workers {cfg.num_workers} would hold {gib(need)} of embeddings "
+            f"alone ({width} floats a row), but {gib(free)} is free; lower them"
+        )
+
+
 def _build_prior(cfg: TrainConfig, store: Any) -> nn.Module:
     """A prior sized by the preset (depth/heads) and the store (width, text length), or loaded by --init-from."""
     import eclipse_prior.models as models
@@ -358,6 +374,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     train_rows = store.split_indices("train")
     if len(train_rows) == 0:
         raise StoreError(f"store {cfg.data} has no rows in its train split")
+    _check_batches_fit(cfg, store)
     accelerator = _make_accelerator(cfg, run_dir)
     claim = ExitStack()
     try:
