@@ -269,13 +269,21 @@ def load_saved_components(
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ConfigError(f"{folder} has no model_index.json: not a folder written by save_pretrained")
-    index = json.loads(index_file.read_text())
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{index_file} is not valid JSON ({err}); restore it or save the pipeline again") from None
+    if not isinstance(index, dict):
+        raise ConfigError(f"{index_file} must hold a JSON object of component: [library, class]")
     components: dict[str, Any] = {}
     for name in expected:
         if name in kwargs:
             components[name] = kwargs[name]
             continue
-        library, class_name = index.get(name, [None, None])
+        entry = index.get(name, [None, None])
+        if not (isinstance(entry, list) and len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)):
+            raise ConfigError(f"{index_file}: component {name!r} must be [library, class], got {entry!r}")
+        library, class_name = entry
         components[name] = (
             None
             if library is None
