@@ -397,7 +397,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             start_step = int(state["step"])
             if main:
                 print(f"resuming {run_dir} from {latest.name} (step {start_step})", file=sys.stderr)
-                if state["world_size"] != world:
+                if state.get("world_size", world) != world:
                     print(
                         f"note: checkpoint written by {state['world_size']} process(es), this run has {world}: "
                         "training continues, but batches and noise differ from an uninterrupted run",
