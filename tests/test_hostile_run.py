@@ -193,6 +193,7 @@ DAMAGE = {  # what is done to checkpoints/ of a finished 6-step run -> the step 
     "state-not-object": (lambda c: (c / "step-00000006" / "state.json").write_text("[6]"), 4),
     "missing-state": (lambda c: (c / "step-00000006" / "state.json").unlink(), 4),
     "two-damaged": (lambda c: [_truncate(c / f"step-0000000{s}" / "optimizer.safetensors") for s in (4, 6)], 2),
+    "checkpoints-a-file": (lambda c: (shutil.rmtree(c), c.write_text("x")), None),
     "stray-files-and-dirs": (lambda c: [(c / "notes.txt").write_text("x"), (c / "step-latest").mkdir(),
                                         (c / "step-00000099").write_text("not a folder"),
                                         (c / ".tmp-step-00000008-1").mkdir(), (c / "step-7").mkdir()], 6),
@@ -207,6 +208,11 @@ def test_resume_falls_back_past_damaged_checkpoints(damage, finished_run, tmp_pa
     spoil, restart = DAMAGE[damage]
     spoil(run / "checkpoints")
     capsys.readouterr()
+    if restart is None:  # nothing to resume from: one line, nothing changed
+        before = snapshot(tmp_path)
+        one_line_error(capsys, main(["train", "--out", str(run), "--resume"]), "checkpoints", "not a folder")
+        assert snapshot(tmp_path) == before
+        return
     assert main(["train", "--out", str(run), "--resume"]) == 0
     err = capsys.readouterr().err
     assert f"from step-{restart:08d} (step {restart})" in err, err

@@ -207,6 +207,8 @@ def load_latest_good_checkpoint(
     None when there is no checkpoint yet (a run killed before its first one starts from step 0); a one-line
     error when there are checkpoints but none of them can be used.
     """
+    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
+        raise CheckpointError(f"{checkpoints_dir} is not a folder; move it away to resume")
     candidates = list_checkpoints(checkpoints_dir)
     problems = []
     for path in reversed(candidates):
