@@ -139,6 +139,8 @@ TRAIN_REFUSALS = [
     Case("yaml-not-utf8", _latin1_config, ("train.yaml", "UTF-8")),
     Case("negative-seed", lambda t, s: _flags(s, t / "out", "--seed", "-1"), ("seed",)),
     Case("out-is-a-file", _file_as_out, ("not a folder",)),
+    Case("out-is-the-store", lambda t, s: _flags(s, s), ("inside the store",)),
+    Case("out-inside-the-store", lambda t, s: _flags(s, s / "runs" / "a"), ("inside the store",)),
     # refused after the run folder was claimed (created): the folder is removed again
     Case("unknown-preset", lambda t, s: _flags(s, t / "out", "--preset", "huge"), ("unknown preset",)),
     Case("damaged-init-from", _damaged_init, ("num_layers", "integer")),
@@ -155,8 +157,10 @@ def test_train_refusals_are_one_line_and_touch_nothing(case, store, tmp_path, ca
     argv = case.setup(work, store)
     capsys.readouterr()
     before, out_before = snapshot(tmp_path), snapshot(work / "out") if (work / "out").is_dir() else None
+    store_before = snapshot(store)
     one_line_error(capsys, main(argv), *case.needles)
     assert snapshot(tmp_path) == before  # the output folder included: a refused run writes nothing, anywhere
+    assert snapshot(store) == store_before
     assert (snapshot(work / "out") if (work / "out").is_dir() else None) == out_before
 
 
@@ -579,6 +583,7 @@ def test_generate_hand_edited_sidecar_and_damaged_prior_are_one_line(decoder, ti
     (tmp_path / "prompts.txt").write_bytes("a caf\xe9 on the left\n".encode("latin-1"))
     for extra, needle in ((["--prompts-file", str(tmp_path / "prompts.txt")], "UTF-8"),
                           (["--prompt", "a", "--seed", "-3"], "--seed"),
+                          (["--prompt", "a", "--num-images", str(10**9)], "GiB"),
                           (["--prompt", "a", "--out", str(tmp_path / "prompts.txt")], "is a file")):
         argv = [*_generate(prior, decoder, tiny_clip_dir, tmp_path / "x"), *extra]
         one_line_error(capsys, main(argv), needle)

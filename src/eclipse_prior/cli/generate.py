@@ -86,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
     """Parse, build the pipeline, generate, print where things went."""
     from eclipse_prior.errors import ConfigError
     from eclipse_prior.pipelines.generate import (
+        KANDINSKY_SIZE,
         GenerationSettings,
         check_generation_numbers,
         check_guidance,
+        check_images_fit,
         check_seed,
         load_pipeline,
         read_prompts,
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         super_res_steps=args.super_res_steps,
     )
     check_seed(args.seed, len(prompts) * args.num_images)
+    check_images_fit(len(prompts) * args.num_images, args.height or KANDINSKY_SIZE, args.width or KANDINSKY_SIZE)
     grid_name = f"{Path(args.prompts_file).stem}-grid" if args.prompts_file else "grid"
     out = args.out or "out/generate"
     result = run_generation(loaded, prompts, out, args.num_images, args.seed, settings, grid_name)

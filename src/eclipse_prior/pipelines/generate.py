@@ -493,6 +493,20 @@ def check_generation_numbers(
             raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
+def check_images_fit(count: int, height: int, width: int) -> None:
+    """A run keeps its images in memory for the grid (and the grid itself): refuse counts that cannot fit, with the
+    estimate, instead of being killed after hours of decoding."""
+    from eclipse_prior.resources import available_memory, gib
+
+    need = 2 * count * height * width * 3  # RGB images + the grid of them
+    free = available_memory("cpu")
+    if free is not None and need > free:
+        raise ConfigError(
+            f"{count} images of {height}x{width} need about {gib(need)} in memory (images and grid) but {gib(free)} is "
+            "free; lower --num-images or split the prompts over several runs"
+        )
+
+
 def check_seed(seed: int, count: int = 1) -> None:
     """Image k gets seed + k: all of them must be valid 64-bit generator seeds."""
     if not (isinstance(seed, int) and 0 <= seed and seed + count <= 2**63):
@@ -709,6 +723,8 @@ def run_generation(
     check_generation_numbers(num_images=num_images)
     if not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    size = settings or GenerationSettings()
+    check_images_fit(len(prompts) * num_images, size.height or KANDINSKY_SIZE, size.width or KANDINSKY_SIZE)
     out = Path(out)
     requests = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
     results = generate_batch(loaded, requests, settings, progress=progress)

@@ -114,6 +114,9 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to start over a run without --resume, to resume a folder holding no run, or to change RESUME_FIXED."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")
+    store = Path(cfg.data).resolve()
+    if run_dir.resolve() == store or store in run_dir.resolve().parents:
+        raise ConfigError(f"--out {run_dir} is inside the store {cfg.data}; a run folder goes beside the store")
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         if cfg.resume:
