@@ -79,7 +79,7 @@ def test_image_folder_jsonl_with_bad_input(tmp_path, image_folder, bundle):
     store.validate()
     s = store.manifest["summary"]
     assert s["seen"] == 10 and s["rows_written"] == 7 == len(store)
-    assert s["skipped"] == {"unreadable_image": 2, "empty_caption": 1}
+    assert s["skipped"] == {"unreadable_image": 1, "missing_image": 1, "empty_caption": 1}
     assert s["truncated_captions"] == 1
     assert [sh["rows"] for sh in store.manifest["shards"]] == [4, 2, 1]
     captions = [json.loads(x)["caption"] for x in (image_folder / "captions.jsonl").read_text().splitlines()]
@@ -140,7 +140,7 @@ def test_webdataset_tars_list_file_pipe_and_broken_members(tmp_path, bundle):
     )
     store.validate()
     s = store.manifest["summary"]
-    assert s["skipped"] == {"unreadable_image": 1, "empty_caption": 1, "broken_tar_member": 1}
+    assert s["skipped"] == {"unreadable_image": 1, "empty_caption": 1, "truncated_tar": 1}
     assert store.row_ids(np.arange(len(store)))[:3] == [
         "part-00000.tar/000000000",
         "part-00000.tar/000000001",

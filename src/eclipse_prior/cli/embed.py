@@ -42,11 +42,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="let pipe: lines inside a list-file SOURCE run as shell commands (refused by default: a list file "
         "shipped with a dataset could run anything; a pipe: given as SOURCE itself is always allowed)",
     )
+    p.add_argument(
+        "--allow-outside-source",
+        action="store_true",
+        help="let a captions file name images outside SOURCE (absolute paths, .., symlinks leading out); "
+        "refused and counted as outside_source by default",
+    )
+    p.add_argument(
+        "--allow-changed-source",
+        action="store_true",
+        help="resume although SOURCE changed since the store was started: the shards whose part of SOURCE "
+        "changed are embedded again (refused by default)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="skip (and count) images with more pixels than this, read from the header before decoding "
+        "(default 64 million)",
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=None,
+        help="skip (and count) image files (and tar members) larger than this many MiB (default 100)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from eclipse_prior.data.embed import embed
+    from eclipse_prior.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
     embed(
         args.source,
@@ -63,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         command=_command(args),
         progress=not args.no_progress,
         allow_pipe_in_list=args.allow_pipe_in_list,
+        allow_outside_source=args.allow_outside_source,
+        allow_changed_source=args.allow_changed_source,
+        max_image_pixels=DEFAULT_MAX_PIXELS if args.max_image_pixels is None else args.max_image_pixels,
+        max_image_bytes=DEFAULT_MAX_BYTES if args.max_image_mb is None else int(args.max_image_mb * 2**20),
     )
     return 0
 
@@ -84,6 +114,11 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--text-states")
     if args.encoder_dtype != "fp32":
         parts += ["--encoder-dtype", args.encoder_dtype]
-    if args.allow_pipe_in_list:
-        parts.append("--allow-pipe-in-list")
+    for flag in ("allow_pipe_in_list", "allow_outside_source", "allow_changed_source"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.max_image_pixels is not None:
+        parts += ["--max-image-pixels", str(args.max_image_pixels)]
+    if args.max_image_mb is not None:
+        parts += ["--max-image-mb", str(args.max_image_mb)]
     return shlex.join(parts)

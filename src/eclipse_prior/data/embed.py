@@ -21,10 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from eclipse_prior.data.sources import Record, Source, Unit, load_image, open_source
+from eclipse_prior import outputs
+from eclipse_prior.data.embed_guard import check_out, check_resume, wait_for_fingerprint, write_fingerprint
+from eclipse_prior.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RejectedImage, decode_image
+from eclipse_prior.data.sources import Record, Source, Unit, open_source
 from eclipse_prior.data.store import DTYPES, StoreWriter, merge_counts, store_settings
-from eclipse_prior.encoders.clip import ClipBundle, load_clip, tokenize
+from eclipse_prior.encoders.clip import ClipBundle, clip_fingerprint, load_clip, tokenize
 from eclipse_prior.errors import ConfigError, StoreError
+from eclipse_prior.outputs import claim_dir
 
 DEFAULT_SHARD_SIZE = 10_000
 SHARD_BYTES_TARGET = 1 << 30  # with text states, shrink the default shard so one shard buffers in ~1 GiB
@@ -67,9 +71,11 @@ class _UnitBatches(IterableDataset):
         tokenizer: Any,
         max_length: int,
         image_processor: Any,
+        image_limits: dict[str, int] | None = None,
     ) -> None:
         self.source, self.units, self.batch_size = source, units, batch_size
         self.tokenizer, self.max_length, self.image_processor = tokenizer, max_length, image_processor
+        self.image_limits = image_limits or {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -77,9 +83,18 @@ class _UnitBatches(IterableDataset):
         for unit in self.units[wid::nw]:
             yield from self._unit(unit)
 
+    def _pixels(self, payload: Any) -> torch.Tensor:
+        """Decode one image (the package's one decoder) and preprocess it at once, so a batch holds model-sized
+        pixels, never full-resolution images."""
+        image = decode_image(payload, **self.image_limits)
+        try:
+            return self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        except Exception as err:  # an image PIL decoded but the processor cannot take (e.g. 1 x 100000)
+            raise RejectedImage("unprocessable_image", type(err).__name__) from err
+
     def _unit(self, unit: Unit) -> Iterator[dict[str, Any]]:
         records: list[Record] = []
-        images: list[Any] = []
+        pixels: list[torch.Tensor] = []
         seen = 0
         for rec in self.source.records(unit):
             seen += 1
@@ -91,37 +106,25 @@ class _UnitBatches(IterableDataset):
                 continue
             if not self.source.precomputed:
                 try:
-                    images.append(load_image(rec.payload))
-                except Exception:  # any decoder failure means the same thing: this image cannot be used
-                    unit.skipped["unreadable_image"] += 1
+                    pixels.append(self._pixels(rec.payload))
+                except RejectedImage as err:
+                    unit.skipped[err.reason] += 1
                     continue
             records.append(rec)
             if len(records) == self.batch_size:
-                yield self._batch(unit, records, images, seen, final=False)
-                records, images, seen = [], [], 0
-        yield self._batch(unit, records, images, seen, final=True)
+                yield self._batch(unit, records, pixels, seen, final=False)
+                records, pixels, seen = [], [], 0
+        yield self._batch(unit, records, pixels, seen, final=True)
 
     def _batch(
-        self, unit: Unit, records: list[Record], images: list, seen: int, final: bool
+        self, unit: Unit, records: list[Record], pixels: list[torch.Tensor], seen: int, final: bool
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"unit": unit.index, "final": final, "seen": seen}
         if final:
             out["skipped"] = dict(unit.skipped)
-        if images:
-            try:
-                out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            except Exception:  # one odd image broke the batch call: redo one by one, dropping the bad ones
-                keep, pix = [], []
-                for rec, im in zip(records, images, strict=True):
-                    try:
-                        pix.append(self.image_processor(images=[im], return_tensors="pt")["pixel_values"])
-                        keep.append(rec)
-                    except Exception:
-                        unit.skipped["unreadable_image"] += 1
-                        if final:
-                            out["skipped"] = dict(unit.skipped)
-                records = keep
-                out["pixel_values"] = torch.cat(pix) if pix else None
+            out["notes"] = dict(unit.notes)
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels)
         if records and self.source.precomputed:
             for key in records[0].payload:
                 out[key] = np.stack([r.payload[key] for r in records])
@@ -180,9 +183,18 @@ def embed(
     progress: bool = True,
     local_files_only: bool | None = None,
     allow_pipe_in_list: bool = False,
+    allow_outside_source: bool = False,
+    allow_changed_source: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_BYTES,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Embed SOURCE with CLIP into the store ``out`` (resuming it if a previous run was interrupted)."""
+    """Embed SOURCE with CLIP into the store ``out`` (resuming it if a previous run was interrupted).
+
+    The run holds an exclusive claim on ``out`` for its whole life. A resume checks that SOURCE (listing, captions,
+    file sizes and times) and the CLIP weights are what the store was started with; a changed SOURCE is refused
+    unless ``allow_changed_source``, which re-embeds exactly the shards whose part of SOURCE changed.
+    """
     if dtype not in ("fp16", "fp32"):
         raise ConfigError(f"--dtype must be fp16 or fp32, not {dtype!r}")
     if encoder_dtype not in ENCODER_DTYPES:
@@ -195,15 +207,37 @@ def embed(
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {num_workers}")
+    if max_image_pixels < 1 or max_image_bytes < 1:
+        raise ConfigError("--max-image-pixels and --max-image-mb must be positive")
     rank, world, auto_device = _distributed()
-    dev = torch.device(device) if device else auto_device
+    out = Path(out)
+    if rank != 0:  # rank 0 claims the store for the whole launch; the others follow its fingerprint
+        return _embed(source, clip, out, rank, world, auto_device, locals(), log)
+    check_out(out)
+    with claim_dir(out, "embed"):
+        return _embed(source, clip, out, rank, world, auto_device, locals(), log)
+
+
+def _embed(source, clip, out: Path, rank: int, world: int, auto_device, opts: dict[str, Any], log) -> Path:
+    text_states, dtype, shard_size = opts["text_states"], opts["dtype"], opts["shard_size"]
+    dev = torch.device(opts["device"]) if opts["device"] else auto_device
     # peek at the source type first: clip-retrieval needs no image tower, and text only for token states
-    probe = open_source(source, shard_size or DEFAULT_SHARD_SIZE, allow_pipe_in_list=allow_pipe_in_list)
+    probe = open_source(
+        source,
+        shard_size or DEFAULT_SHARD_SIZE,
+        allow_pipe_in_list=opts["allow_pipe_in_list"],
+        allow_outside_source=opts["allow_outside_source"],
+        max_image_bytes=opts["max_image_bytes"],
+    )
     bad_lines = getattr(probe, "bad_lines", [])
-    if bad_lines and rank == 0:
-        shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
-        log(f"skipping {len(bad_lines)} malformed line(s) of {probe.captions_file} (line {shown}): "
-            "counted as bad_caption_line")
+    if rank == 0:
+        if bad_lines:
+            shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
+            log(f"skipping {len(bad_lines)} malformed line(s) of {probe.captions_file} (line {shown}): "
+                "counted as bad_caption_line")
+        for what, invalid in probe.text_fallbacks.items():
+            log(f"warning: {what} is not valid UTF-8 ({invalid} invalid byte sequence(s)); read as cp1252 "
+                "(save it as UTF-8 to silence this)")
     need_vision = not probe.precomputed
     need_text = not probe.precomputed or text_states or not getattr(probe, "has_text", True)
     if isinstance(clip, ClipBundle):
@@ -212,10 +246,10 @@ def embed(
         bundle = load_clip(
             clip,
             device=dev,
-            dtype=ENCODER_DTYPES[encoder_dtype],
+            dtype=ENCODER_DTYPES[opts["encoder_dtype"]],
             text=need_text,
             vision=need_vision,
-            local_files_only=local_files_only,
+            local_files_only=opts["local_files_only"],
         )
     seq_len = bundle.max_length if text_states else None
     state_dim = bundle.text_state_dim if text_states else None
@@ -230,6 +264,12 @@ def embed(
             f"clip-retrieval vectors in {source} are {src.dim}-d but CLIP {bundle.name!r} embeds to {bundle.embed_dim}-d"
         )
     units = src.units()
+    fingerprint = {
+        "source": None,
+        "units": src.fingerprints(units),
+        "clip": clip_fingerprint(bundle.name, bundle.revision),
+    }
+    fingerprint["source"] = _digest_units(fingerprint["units"])
     settings = store_settings(
         clip_id=bundle.name,
         clip_revision=bundle.revision,
@@ -239,34 +279,52 @@ def embed(
         dtype=dtype,
         text_seq_len=seq_len,
         text_state_dim=state_dim,
-        val_fraction=val_fraction,
+        val_fraction=opts["val_fraction"],
         source=src.describe(),
         shard_size=shard_size,
     )
+    if rank == 0:
+        check_resume(out, settings, fingerprint, opts["allow_changed_source"], str(source), log)
     writer = StoreWriter(out, settings, rank=rank)
+    if rank == 0:
+        write_fingerprint(out, fingerprint)
+    else:
+        wait_for_fingerprint(out, fingerprint)
     if writer.complete:
         if rank == 0:
             log(f"store {out} is already complete ({len(units)} shards); nothing to do")
-        return Path(out)
+        return out
     if rank == 0:
         _print_estimate(units, per_row, seq_len, state_dim, dtype, log)
     mine = [u for u in units if u.index % world == rank and not writer.done(u.index)]
     done_before = sum(writer.done(u.index) for u in units if u.index % world == rank)
     if done_before and rank == 0:
         log(f"resuming: {done_before} shard(s) already written, {len(mine)} to go (rank 0)")
-    _run_units(src, mine, bundle, writer, text_states, batch_size, num_workers, dev, progress and rank == 0)
+    limits = {"max_pixels": opts["max_image_pixels"], "max_bytes": opts["max_image_bytes"]}
+    _run_units(src, mine, bundle, writer, text_states, opts["batch_size"], opts["num_workers"], dev,
+               opts["progress"] and rank == 0, limits)
     if rank != 0:
-        return Path(out)
+        return out
     _wait_for_shards(writer, len(units), log)
+    command = opts["command"]
     if command is None:  # called from Python: record the call instead of a command line
         command = (
             f"eclipse_prior.data.embed.embed({str(source)!r}, {bundle.name!r}, {str(out)!r}, "
-            f"text_states={text_states}, dtype={dtype!r}, batch_size={batch_size}, shard_size={shard_size}, "
-            f"val_fraction={val_fraction})"
+            f"text_states={text_states}, dtype={dtype!r}, batch_size={opts['batch_size']}, "
+            f"shard_size={shard_size}, val_fraction={opts['val_fraction']})"
         )
-    manifest = writer.finalize(len(units), {"command": command, "world_size": world})
+    extra = {"command": command, "world_size": world, "source_fingerprint": fingerprint["source"]}
+    if src.text_fallbacks:
+        extra["text_not_utf8"] = dict(src.text_fallbacks)
+    manifest = writer.finalize(len(units), extra)
     _print_summary(manifest, log)
-    return Path(out)
+    return out
+
+
+def _digest_units(unit_fingerprints: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(unit_fingerprints).encode()).hexdigest()
 
 
 def _print_estimate(units: list[Unit], per_row: int, seq_len, state_dim, dtype: str, log) -> None:
@@ -293,10 +351,10 @@ def _run_units(
     num_workers: int,
     device: torch.device,
     show: bool,
+    image_limits: dict[str, int] | None = None,
 ) -> None:
     if not units:
         return
-    from tqdm.auto import tqdm
 
     precomputed = src.precomputed
     has_text_vectors = precomputed and getattr(src, "has_text", False)
@@ -308,6 +366,7 @@ def _run_units(
         bundle.tokenizer if tokenize_text else None,
         bundle.max_length,
         None if precomputed else bundle.image_processor,
+        image_limits,
     )
     workers = min(num_workers, len(units))
     if workers:
@@ -327,7 +386,7 @@ def _run_units(
     empty = {"image_embeds": (d,), "text_embeds": (d,), "text_states": (L, D), "text_mask": (L,)}
     total = sum(u.size for u in units) if all(u.size is not None for u in units) else None
     buffers: dict[int, _ShardBuffer] = {}
-    with tqdm(total=total, unit="item", disable=not show, dynamic_ncols=True, desc="embed") as bar:
+    with outputs.progress(total=total, unit="item", enabled=show, desc="embed") as bar:
         for batch in loader:
             buf = buffers.setdefault(batch["unit"], _ShardBuffer())
             buf.seen += batch["seen"]
@@ -351,6 +410,8 @@ def _run_units(
                     dict(batch.get("skipped", {})), {k: v for k, v in buf.skipped.items() if v}
                 )
                 summary = {"seen": buf.seen, "skipped": skipped, "truncated_captions": buf.truncated}
+                if batch.get("notes"):
+                    summary["notes"] = dict(batch["notes"])
                 writer.write_shard(batch["unit"], buf.arrays(keys, empty), buf.meta, summary)
                 del buffers[batch["unit"]]
     if buffers:  # a worker died without finishing its units

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from eclipse_prior.errors import StoreError
-from eclipse_prior.outputs import write_json_atomic
+from eclipse_prior.outputs import LOCK_NAME, write_json_atomic
 
 FORMAT = "eclipse-prior-store"
 VERSION = 1
@@ -129,7 +129,7 @@ class StoreWriter:
             return json.loads((self.path / MANIFEST).read_text())["settings"]
         if (self.path / SETTINGS).is_file():
             return json.loads((self.path / SETTINGS).read_text())
-        if any(self.path.iterdir()) and self.rank == 0:
+        if any(p.name != LOCK_NAME for p in self.path.iterdir()) and self.rank == 0:
             raise StoreError(
                 f"{self.path} exists and is not an embedding store; choose an empty or new --out"
             )
@@ -156,6 +156,17 @@ class StoreWriter:
         final = self.path / shard_name(index)
         tmp = self.path / f".tmp-r{self.rank}-{shard_name(index)}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        try:
+            return self._fill_and_place(tmp, final, arrays, meta, summary)
+        except BaseException:  # disk full, killed, ...: leave no half-written shard behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _fill_and_place(
+        self, tmp: Path, final: Path, arrays: dict[str, np.ndarray], meta: list[dict[str, str]],
+        summary: dict[str, Any] | None,
+    ) -> Path:
+        n = len(meta)
         dtype = np.dtype(self.settings["dtype"])
         files: dict[str, np.ndarray] = {}
         for key, arr in arrays.items():

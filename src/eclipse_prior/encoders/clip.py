@@ -8,6 +8,8 @@ transformers (safetensors preferred), never with ``trust_remote_code``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +116,50 @@ class ClipBundle:
         return self.encode_pixels(self.preprocess_images(images))
 
 
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+
+
+def _check_local_folder(folder: Path, parts: list[str], subfolders: bool) -> None:
+    """A local CLIP folder must hold readable JSON configs and safetensors weights (never a pickle to unpickle)."""
+    for part in parts:
+        where = folder / SUBFOLDERS[part] if subfolders else folder
+        config = where / ("preprocessor_config.json" if part == "processor" else "config.json")
+        if part in ("text", "vision", "processor") and config.exists():
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ModelNotFoundError(
+                    f"CLIP folder {folder}: {config.relative_to(folder)} is damaged ({str(err).splitlines()[0]}); "
+                    "re-download or re-save the model"
+                ) from None
+        if part in ("text", "vision") and not any((where / name).is_file() for name in SAFE_WEIGHTS):
+            pickles = [name for name in PICKLE_WEIGHTS if (where / name).is_file()]
+            held = f"only {', '.join(pickles)} (a pickle, which eclipse-prior never loads)" if pickles else "no weights"
+            raise ModelNotFoundError(
+                f"CLIP folder {where} holds {held}; it needs model.safetensors: convert it once with transformers "
+                "(from_pretrained, then save_pretrained(..., safe_serialization=True)) in an environment you trust"
+            )
+
+
+def clip_fingerprint(name: str, revision: str) -> str:
+    """A digest that changes when a local CLIP folder's files change (size, first and last MiB); for a hub id the
+    id and commit. Cheap even for 10 GB weights; an embed resume checks it so one store never mixes two models."""
+    folder = Path(os.path.expanduser(name))
+    if not folder.is_dir():
+        return hashlib.sha256(f"{name}@{revision}".encode()).hexdigest()
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def _is_local(id_or_path: str) -> bool:
     return os.path.isdir(id_or_path) or id_or_path.startswith((".", "/", "~"))
 
@@ -204,9 +250,12 @@ def load_clip(
         local_files_only = offline_default()
     if local:
         subfolders = (Path(name) / SUBFOLDERS["text"] / "config.json").is_file()
+        parts = ["text", "tokenizer"] if text else []
+        _check_local_folder(Path(name), parts + (["vision", "processor"] if vision else []), subfolders)
     else:
         subfolders, local_files_only = _hub_layout(name, local_files_only)
     kw: dict[str, Any] = {"local_files_only": local_files_only}
+    weights_kw = {"use_safetensors": True}  # never fall back to unpickling pytorch_model.bin
 
     def sub(part: str) -> dict[str, Any]:
         return {"subfolder": SUBFOLDERS[part]} if subfolders else {}
@@ -223,18 +272,26 @@ def load_clip(
                 text_cfg.projection_dim = vision_cfg.projection_dim = full.projection_dim
             tokenizer = AutoTokenizer.from_pretrained(name, **sub("tokenizer"), **kw) if text else None
             text_model = (
-                CLIPTextModelWithProjection.from_pretrained(name, config=text_cfg, **sub("text"), **kw)
+                CLIPTextModelWithProjection.from_pretrained(
+                    name, config=text_cfg, **sub("text"), **kw, **weights_kw
+                )
                 if text
                 else None
             )
             vision_model = (
-                CLIPVisionModelWithProjection.from_pretrained(name, config=vision_cfg, **sub("vision"), **kw)
+                CLIPVisionModelWithProjection.from_pretrained(
+                    name, config=vision_cfg, **sub("vision"), **kw, **weights_kw
+                )
                 if vision
                 else None
             )
             processor = AutoImageProcessor.from_pretrained(name, **sub("processor"), **kw) if vision else None
-    except (OSError, ValueError) as err:
-        raise _not_found(name, str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+        # a damaged or mismatched file of the model: one line naming it, not a traceback from inside transformers
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if local:
+            raise ModelNotFoundError(f"CLIP folder {name} cannot be loaded ({why[:300]})") from err
+        raise _not_found(name, why) from err
 
     models = [m for m in (text_model, vision_model) if m is not None]
     for m in models:
