@@ -28,7 +28,7 @@ from eclipse_prior.data.sources import Record, Source, Unit, open_source
 from eclipse_prior.data.store import DTYPES, StoreWriter, merge_counts, store_settings
 from eclipse_prior.encoders.clip import ClipBundle, clip_fingerprint, load_clip, tokenize
 from eclipse_prior.errors import ConfigError, StoreError
-from eclipse_prior.outputs import claim_dir
+from eclipse_prior.outputs import LOCK_NAME, claim_dir
 
 DEFAULT_SHARD_SIZE = 10_000
 SHARD_BYTES_TARGET = 1 << 30  # with text states, shrink the default shard so one shard buffers in ~1 GiB
@@ -212,10 +212,26 @@ def embed(
     rank, world, auto_device = _distributed()
     out = Path(out)
     if rank != 0:  # rank 0 claims the store for the whole launch; the others follow its fingerprint
-        return _embed(source, clip, out, rank, world, auto_device, locals(), log)
+        return _embed(source, clip, out, rank, world, auto_device, dict(locals()), log)
     check_out(out)
+    options = dict(locals())
+    new_folder = not out.exists()
     with claim_dir(out, "embed"):
-        return _embed(source, clip, out, rank, world, auto_device, locals(), log)
+        try:
+            return _embed(source, clip, out, rank, world, auto_device, options, log)
+        except BaseException:
+            if new_folder:  # failed before writing anything (bad SOURCE, CLIP, ...): leave no empty store behind
+                _remove_if_only_lock(out)
+            raise
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    try:
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+    except OSError:
+        pass  # the folder stays; it holds nothing but the lock file
 
 
 def _embed(source, clip, out: Path, rank: int, world: int, auto_device, opts: dict[str, Any], log) -> Path:
@@ -465,6 +481,9 @@ def _print_summary(manifest: dict[str, Any], log: Callable[[str], None]) -> None
         f"normalized={str(manifest['normalized']).lower()}; seen {s.get('seen', 0)}, skipped: {parts}; "
         f"truncated captions: {s.get('truncated_captions', 0)}"
     )
+    notes = s.get("notes", {})
+    if any(notes.values()):
+        log("kept with a caveat: " + ", ".join(f"{k} {v}" for k, v in sorted(notes.items()) if v))
     if manifest["normalized"]:
         log(
             "note: these vectors are L2-normalised (clip-retrieval); unCLIP decoders expect raw CLIP embeddings, "

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from eclipse_prior.data.images import DEFAULT_MAX_BYTES, NOT_REGULAR_FILE
+from eclipse_prior.data.images import DEFAULT_MAX_BYTES, FILE_TOO_LARGE, NOT_REGULAR_FILE
 from eclipse_prior.data.text import DecodedText, decode_text, read_text_file
 from eclipse_prior.errors import ConfigError
 
@@ -380,7 +380,7 @@ class TarSource(Source):
         if stream is None:
             return
         label = unit.label
-        current: dict[str, bytes] = {}
+        current: dict[str, bytes | None] = {}
         key = None
         samples = 0
         cut = False
@@ -395,8 +395,8 @@ class TarSource(Source):
                     yield from self._sample(label, key, current, unit)
                     current = {}
                 key = k
-                if info.size > self.max_member_bytes:
-                    unit.skipped["tar_member_too_large"] += 1
+                if info.size > self.max_member_bytes:  # never read into memory; the sample is skipped
+                    current[ext] = None
                     continue
                 member = tar.extractfile(info)
                 current[ext] = member.read() if member is not None else b""
@@ -416,17 +416,20 @@ class TarSource(Source):
                 unit.skipped["tar_samples_missing"] += unit.size - samples
 
     @staticmethod
-    def _sample(label: str, key: str, files: dict[str, bytes], unit: Unit) -> Iterator[Record]:
+    def _sample(label: str, key: str, files: dict[str, bytes | None], unit: Unit) -> Iterator[Record]:
         image_ext = next((e for e in TAR_IMAGE_EXTS if e in files), None)
         if image_ext is None:
             unit.skipped["missing_image"] += 1
             return
-        decoded = decode_text(files.get("txt", b""))
+        if files[image_ext] is None:
+            unit.skipped[FILE_TOO_LARGE] += 1
+            return
+        decoded = decode_text(files.get("txt") or b"")
         if decoded.fell_back:
             unit.notes["tar_caption_not_utf8_read_as_cp1252"] += 1
         caption = decoded.text
         source = f"{label}/{key}.{image_ext}"
-        if not caption.strip() and "json" in files:
+        if not caption.strip() and files.get("json"):
             try:
                 meta = json.loads(decode_text(files["json"]).text)
                 caption = meta.get("caption") or meta.get("text") or ""

@@ -142,6 +142,14 @@ def _check_local_folder(folder: Path, parts: list[str], subfolders: bool) -> Non
             )
 
 
+def _file_errors() -> tuple[type[Exception], ...]:
+    """What transformers' dependencies raise for a damaged model file (they derive from Exception only)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return SafetensorError, StrictDataclassError
+
+
 def clip_fingerprint(name: str, revision: str) -> str:
     """A digest that changes when a local CLIP folder's files change (size, first and last MiB); for a hub id the
     id and commit. Cheap even for 10 GB weights; an embed resume checks it so one store never mixes two models."""
@@ -286,7 +294,7 @@ def load_clip(
                 else None
             )
             processor = AutoImageProcessor.from_pretrained(name, **sub("processor"), **kw) if vision else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, *_file_errors()) as err:
         # a damaged or mismatched file of the model: one line naming it, not a traceback from inside transformers
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         if local:

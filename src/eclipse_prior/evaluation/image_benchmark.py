@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eclipse_prior.data.images import open_user_image
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.evaluation import compbench, frechet, paper_numbers, scorers, stats
 from eclipse_prior.outputs import progress as progress_bar
@@ -336,8 +337,7 @@ def score_item(
     prompt_set: compbench.PromptSet,
 ) -> dict[str, Any]:
     """The category score of one image with the evidence behind it (questions and P(yes), boxes, ...)."""
-    with Image.open(item.path) as im:
-        image = im.convert("RGB")
+    image = open_user_image(item.path)
     metric = compbench.CATEGORY_METRIC.get(item.category, "clipscore")
     parse = parser.parse(item.prompt)
     detail: dict[str, Any] = {}
@@ -425,10 +425,9 @@ def score_images(
                 **score_item(item, cfg, judges, parser, by_cat[item.category]),
             }
             if with_pickscore:
-                with Image.open(item.path) as im:
-                    rec["pickscore"] = judges.pickscore(cfg.pickscore_model, cfg.pickscore_processor).scores(
-                        [im.convert("RGB")], [item.prompt]
-                    )[0]
+                rec["pickscore"] = judges.pickscore(cfg.pickscore_model, cfg.pickscore_processor).scores(
+                    [open_user_image(item.path)], [item.prompt]
+                )[0]
                 rec["pickscore_model"] = [cfg.pickscore_model, cfg.pickscore_processor]
             records.append(rec)
             rescored += 1
@@ -500,9 +499,9 @@ def _load_images(paths: Iterable[Path]) -> list[Image.Image]:
 
 
 def _iter_images(paths: Iterable[Path]) -> Iterator[Image.Image]:
+    """Through the package's one image decoder: a bad reference image is a one-line error naming it."""
     for p in paths:
-        with Image.open(p) as im:
-            yield im.convert("RGB")
+        yield open_user_image(p)
 
 
 def image_quality(
