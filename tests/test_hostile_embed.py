@@ -270,6 +270,24 @@ def _cp1252_sidecars(tmp: Path) -> Path:
     return root
 
 
+def _undecodable_name(tmp: Path) -> Path:
+    root = _folder(tmp / "src")
+    (root / "captions.jsonl").unlink()
+    for i, caption in enumerate(BASE_CAPTIONS):
+        (root / f"good_{i}.txt").write_text(caption)
+    name = os.fsencode(root) + b"/caf\xe9"
+    with open(name + b".png", "wb") as f:
+        f.write(_encode(Image.fromarray(_rgb(9))))
+    with open(name + b".txt", "wb") as f:
+        f.write(b"a cafe photo")
+    return root
+
+
+def _undecodable_check(store: EmbeddingStore, tmp: Path, stdout: str) -> None:
+    assert "caf\\udce9.png" in store.row_ids([0, 1, 2]) and "a cafe photo" in store.captions([0, 1, 2])
+    assert store.manifest["summary"]["notes"] == {"text_with_invalid_unicode_escaped": 1}
+
+
 def _tar_source(tmp: Path, how: str) -> Path:
     samples = _tar_samples(3)
     if how == "latin1":
@@ -287,6 +305,8 @@ def _tar_source(tmp: Path, how: str) -> Path:
         (tmp / "shards" / "00000_stats.json").write_text(json.dumps({"successes": 3}))
     if how == "mid-member":
         path.write_bytes(data[: third.offset_data + 10])
+    if how == "garbage":
+        (tmp / "shards" / "00001.tar").write_bytes(b"\x07" * 3000)
     if how == "fifo":
         os.mkfifo(tmp / "shards" / "00001.tar")
     return tmp / "shards"
@@ -390,6 +410,18 @@ CASES = [
     Case("--max-image-mb caps the file size",
          lambda t: _folder(t / "src", [("big.png", "a big one")], {"big.png": b"\0" * 30_000}),
          args=("--max-image-mb", "0.02"), skipped={"image_file_too_large": 1}, rows=2),
+    Case("a format outside the raster list (PPM) is not even identified",
+         lambda t: _folder(t / "src", [("odd.png", "an odd one")], {"odd.png": _encode(Image.fromarray(_rgb(6)), "PPM")}),
+         skipped={"unreadable_image": 1}, rows=2),
+    Case("1 x 150 image (a shortest-edge resize would explode)",
+         lambda t: _folder(t / "src", [("thin.png", "a thin one")], {"thin.png": _encode(Image.new("RGB", (150, 1)))}),
+         skipped={"image_extreme_aspect_ratio": 1}, rows=2),
+    Case("NUL byte in a captions file name", lambda t: _folder(t / "src", [("good_0.png\u0000x", "a nul")]),
+         skipped={"bad_file_name": 1}, rows=2),
+    Case("lone surrogate in a caption is escaped and counted",
+         lambda t: _folder(t / "src", [("good_0.png", "a red \ud800 square")]), rows=3,
+         check=_manifest_note("text_with_invalid_unicode_escaped", 1)),
+    Case("file name that is not UTF-8", _undecodable_name, rows=3, check=_undecodable_check),
     Case("absolute path outside SOURCE", lambda t: _outside(t, "absolute"), skipped={"outside_source": 1}, rows=2),
     Case("../ path outside SOURCE", lambda t: _outside(t, "dotdot"), skipped={"outside_source": 1}, rows=2),
     Case("symlink leading out of SOURCE", lambda t: _outside(t, "symlink"), skipped={"outside_source": 1}, rows=2),
@@ -406,6 +438,7 @@ CASES = [
     Case("cp1252 sidecar captions", _cp1252_sidecars, rows=2, check=_sidecar_check),
     Case("tar: non-UTF-8 caption is counted", lambda t: _tar_source(t, "latin1"), rows=3,
          check=_manifest_note("tar_caption_not_utf8_read_as_cp1252", 1)),
+    Case("a .tar that is not a tar", lambda t: _tar_source(t, "garbage"), skipped={"unreadable_tar": 1}, rows=3),
     Case("tar cut at a member boundary", lambda t: _tar_source(t, "boundary"), skipped={"truncated_tar": 1}, rows=2),
     Case("tar cut at a boundary, stats.json says 3", lambda t: _tar_source(t, "boundary+stats"),
          skipped={"truncated_tar": 1, "tar_samples_missing": 1}, rows=2),

@@ -26,6 +26,7 @@ from eclipse_prior.data.embed_guard import check_out, check_resume, wait_for_fin
 from eclipse_prior.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RejectedImage, decode_image
 from eclipse_prior.data.sources import Record, Source, Unit, open_source
 from eclipse_prior.data.store import DTYPES, StoreWriter, merge_counts, store_settings
+from eclipse_prior.data.text import encodable
 from eclipse_prior.encoders.clip import ClipBundle, clip_fingerprint, load_clip, tokenize
 from eclipse_prior.errors import ConfigError, StoreError
 from eclipse_prior.outputs import LOCK_NAME, claim_dir
@@ -98,6 +99,10 @@ class _UnitBatches(IterableDataset):
         seen = 0
         for rec in self.source.records(unit):
             seen += 1
+            fields = (rec.id, rec.caption, rec.source)
+            rec.id, rec.caption, rec.source = (encodable(x) for x in fields)
+            if (rec.id, rec.caption, rec.source) != fields:
+                unit.notes["text_with_invalid_unicode_escaped"] += 1
             if rec.bad:
                 unit.skipped[rec.bad] += 1
                 continue

@@ -19,7 +19,10 @@ from PIL import Image, ImageOps
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024  # an encoded image larger than this is not a photo worth decoding
 DEFAULT_MAX_PIXELS = 64_000_000  # width x height, read from the header before any pixel is decoded
+MAX_ASPECT_RATIO = 100  # 1 x 60M pixels passes the pixel cap but a shortest-edge resize would make it 224 x 13G
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white (what viewers and browsers show)
+# raster formats a photo dataset holds; nothing else is even identified (EPS would run Ghostscript on the file)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes multi-picture (MPO) files
 
 # skip reasons (the store manifest counts them under these names)
 NOT_REGULAR_FILE = "not_regular_file"
@@ -29,6 +32,7 @@ TOO_MANY_PIXELS = "image_too_many_pixels"
 TRUNCATED_IMAGE = "truncated_image"
 UNREADABLE_IMAGE = "unreadable_image"
 UNSUPPORTED_MODE = "unsupported_image_mode"
+EXTREME_ASPECT = "image_extreme_aspect_ratio"
 
 
 class RejectedImage(Exception):
@@ -45,8 +49,8 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         info = os.stat(path)
     except FileNotFoundError as err:
         raise RejectedImage(MISSING_IMAGE, str(path)) from err
-    except OSError as err:
-        raise RejectedImage(UNREADABLE_IMAGE, f"{path}: {err.strerror}") from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte or an unencodable character in the name
+        raise RejectedImage(UNREADABLE_IMAGE, f"{path!r}: {err}") from err
     if not stat.S_ISREG(info.st_mode):
         raise RejectedImage(NOT_REGULAR_FILE, str(path))
     if info.st_size > max_bytes:
@@ -82,7 +86,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            im = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RejectedImage(TOO_MANY_PIXELS, str(err)) from err
     except Exception as err:  # not an image PIL knows: every decoder failure means the same thing here
@@ -93,18 +97,25 @@ def decode_image(
             raise RejectedImage(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels} pixels")
         if width < 1 or height < 1:
             raise RejectedImage(UNREADABLE_IMAGE, f"{width}x{height}")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise RejectedImage(EXTREME_ASPECT, f"{width}x{height}")
         try:
             im.load()
         except OSError as err:
             reason = TRUNCATED_IMAGE if "truncated" in str(err) else UNREADABLE_IMAGE
             raise RejectedImage(reason, str(err)) from err
-        except Exception as err:
+        except Exception as err:  # decoders raise many types (SyntaxError, ValueError, ...) for bad data
             raise RejectedImage(UNREADABLE_IMAGE, type(err).__name__) from err
         try:
             upright = ImageOps.exif_transpose(im)
         except Exception:  # a damaged EXIF block: the pixels are still good, keep them as stored
             upright = im
-        return to_rgb(upright)
+        try:
+            return to_rgb(upright)
+        except RejectedImage:
+            raise
+        except Exception as err:  # a mode or layout PIL decoded but cannot convert
+            raise RejectedImage(UNSUPPORTED_MODE, f"{upright.mode}: {type(err).__name__}") from err
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:

@@ -78,6 +78,8 @@ def _stat_key(path: str | os.PathLike) -> list[Any]:
         info = os.stat(path)
     except OSError as err:
         return ["absent", err.errno]
+    except ValueError:  # NUL byte or unencodable character in the name
+        return ["bad name"]
     kind = "file" if stat.S_ISREG(info.st_mode) else "other"
     return [kind, info.st_size, info.st_mtime_ns]
 
@@ -152,7 +154,10 @@ class ImageFolderSource(Source):
         self.items = self._list()
 
     def _inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.real_root)
+        try:
+            return path.resolve().is_relative_to(self.real_root)
+        except (OSError, ValueError, RuntimeError):  # a name the OS cannot take, a symlink loop
+            return False
 
     def _list(self) -> list[tuple[str, str]]:
         """(file as written, caption) per row; a malformed captions line keeps its slot as ("", BAD_LINE)."""
@@ -219,6 +224,8 @@ class ImageFolderSource(Source):
         """The image path for a captions entry, or a skip reason (empty name, outside SOURCE)."""
         if not name:
             return None, "missing_image"
+        if "\0" in name:
+            return None, "bad_file_name"
         path = Path(name)
         if not path.is_absolute():
             path = self.root / path
@@ -384,9 +391,11 @@ class TarSource(Source):
         key = None
         samples = 0
         cut = False
+        members = 0
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)
             for info in tar:
+                members += 1
                 if not info.isreg():
                     continue
                 k, ext = _split_key(info.name)
@@ -406,12 +415,15 @@ class TarSource(Source):
             cut = True  # the member being read is lost with whatever followed it
             current = {}
         finally:
-            stream.close()
+            try:
+                stream.close()  # a pipe: or download that failed reports it here
+            except Exception:
+                cut = True
         if current:
             samples += 1
             yield from self._sample(label, key, current, unit)
         if cut:
-            unit.skipped["truncated_tar"] += 1
+            unit.skipped["truncated_tar" if members else "unreadable_tar"] += 1
             if unit.size is not None and unit.size > samples:  # img2dataset's stats say how many were there
                 unit.skipped["tar_samples_missing"] += unit.size - samples
 

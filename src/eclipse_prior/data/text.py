@@ -84,9 +84,11 @@ def read_text_file(path: str | os.PathLike, max_bytes: int | None = None) -> Dec
     return decode_text(data)
 
 
-def fallback_note(what: str, decoded: DecodedText) -> str:
-    """The warning printed when a file was not valid UTF-8."""
-    return (
-        f"warning: {what} is not valid UTF-8 ({decoded.invalid_utf8} invalid byte sequence(s)); "
-        f"read as {decoded.encoding} (save it as UTF-8 to silence this)"
-    )
+def encodable(text: str) -> str:
+    """``text`` if it is valid Unicode, else with lone surrogates (undecodable file-name bytes, ``"\\ud800"`` JSON
+    escapes) written as backslash escapes, so hashing, tokenizing and JSON never fail on it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
