@@ -159,6 +159,7 @@ class Case:
     check: Callable[[EmbeddingStore, Path, str], None] | None = None
     clip: Callable[[Path, Path], Path] | None = None  # (tmp, tiny clip) -> CLIP folder to use
     out: Callable[[Path], Path] | None = None  # tmp -> --out (default tmp/out)
+    env: dict[str, str] = field(default_factory=dict)  # "{tmp}" is replaced by the test folder
 
 
 def _twins_equal(store: EmbeddingStore, tmp: Path, stdout: str) -> None:
@@ -453,6 +454,11 @@ CASES = [
          lambda t: _list_file(t, lambda tar, m: f"{tar}::pipe:touch {m}"), error=("--allow-pipe-in-list",)),
     Case("PIPE: in capitals in a list line",
          lambda t: _list_file(t, lambda tar, m: f"  PIPE:touch {m}"), error=("--allow-pipe-in-list",)),
+    Case("pipe: hidden in a ${WDS_...} variable of a list line",
+         lambda t: _list_file(t, lambda tar, m: f"{tar}::${{SHARD}}"), env={"WDS_SHARD": "pipe:touch {tmp}/MARKER"},
+         error=("--allow-pipe-in-list",)),
+    Case("a list line whose braces expand to a billion URLs",
+         lambda t: _list_file(t, lambda tar, m: f"{t}/{{0..999999999}}.tar"), error=("more than 1000000",)),
     Case("clip-retrieval text_emb has fewer rows",
          lambda t: _clip_retrieval(t, {"img_emb": 5, "text_emb": 4, "metadata": 5}),
          error=("img_emb/img_emb_0.npy 5", "text_emb/text_emb_0.npy 4", "metadata/metadata_0.parquet 5")),
@@ -472,6 +478,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input(case: Case, tmp_path, tiny_clip_dir, capsys, monkeypatch, one_torch_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value.replace("{tmp}", str(tmp_path)))
     source = case.build(tmp_path)
     clip = case.clip(tmp_path, tiny_clip_dir) if case.clip else tiny_clip_dir
     out = case.out(tmp_path) if case.out else tmp_path / "out"

@@ -73,7 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from eclipse_prior.data.embed import embed
     from eclipse_prior.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from eclipse_prior.errors import ConfigError
 
+    if args.max_image_mb is not None and not 0 < args.max_image_mb < 2**40:  # also refuses nan and inf
+        raise ConfigError(f"--max-image-mb must be a positive number of MiB, not {args.max_image_mb}")
     embed(
         args.source,
         args.clip,

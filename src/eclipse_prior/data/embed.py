@@ -200,6 +200,7 @@ def embed(
     file sizes and times) and the CLIP weights are what the store was started with; a changed SOURCE is refused
     unless ``allow_changed_source``, which re-embeds exactly the shards whose part of SOURCE changed.
     """
+    options = dict(locals())  # this call's arguments, as given, for the run below
     if dtype not in ("fp16", "fp32"):
         raise ConfigError(f"--dtype must be fp16 or fp32, not {dtype!r}")
     if encoder_dtype not in ENCODER_DTYPES:
@@ -217,13 +218,12 @@ def embed(
     rank, world, auto_device = _distributed()
     out = Path(out)
     if rank != 0:  # rank 0 claims the store for the whole launch; the others follow its fingerprint
-        return _embed(source, clip, out, rank, world, auto_device, dict(locals()), log)
+        return _embed(options, rank, world, auto_device)
     check_out(out)
-    options = dict(locals())
     new_folder = not out.exists()
     with claim_dir(out, "embed"):
         try:
-            return _embed(source, clip, out, rank, world, auto_device, options, log)
+            return _embed(options, rank, world, auto_device)
         except BaseException:
             if new_folder:  # failed before writing anything (bad SOURCE, CLIP, ...): leave no empty store behind
                 _remove_if_only_lock(out)
@@ -239,7 +239,9 @@ def _remove_if_only_lock(folder: Path) -> None:
         pass  # the folder stays; it holds nothing but the lock file
 
 
-def _embed(source, clip, out: Path, rank: int, world: int, auto_device, opts: dict[str, Any], log) -> Path:
+def _embed(opts: dict[str, Any], rank: int, world: int, auto_device: torch.device) -> Path:
+    """The run itself; ``opts`` are embed()'s arguments."""
+    source, clip, out, log = opts["source"], opts["clip"], Path(opts["out"]), opts["log"]
     text_states, dtype, shard_size = opts["text_states"], opts["dtype"], opts["shard_size"]
     dev = torch.device(opts["device"]) if opts["device"] else auto_device
     # peek at the source type first: clip-retrieval needs no image tower, and text only for token states

@@ -169,7 +169,7 @@ class ImageFolderSource(Source):
                 if line.strip():
                     try:
                         row = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
                         row = None
                     rows.append((number, row if isinstance(row, dict) else None))
         elif csv_path.is_file():
@@ -209,12 +209,12 @@ class ImageFolderSource(Source):
             txt = p.with_suffix(".txt")
             caption = ""
             if txt.is_file() and (self.allow_outside_source or self._inside(txt)):
-                if txt.stat().st_size > MAX_SIDECAR_BYTES:
-                    caption = BAD_LINE
-                else:
-                    decoded = read_text_file(txt)
+                try:
+                    decoded = read_text_file(txt, MAX_SIDECAR_BYTES)
                     fallbacks += decoded.fell_back
                     caption = decoded.text
+                except (OSError, ConfigError):  # unreadable or absurdly large: the row is skipped and counted
+                    caption = BAD_LINE
             out.append((str(p.relative_to(self.root)), caption))
         if fallbacks:
             self.text_fallbacks[f"{fallbacks} sidecar .txt caption file(s)"] = fallbacks
@@ -259,6 +259,49 @@ class ImageFolderSource(Source):
                 parts.append([name, caption, bad or _stat_key(path)])
             out.append(_digest([self.shard_size, parts]))
         return out
+
+
+MAX_SHARD_URLS = 1_000_000
+_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}|\{([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?\}")
+
+
+def _expansion_bound(pattern: str) -> int:
+    """An upper bound on how many URLs a brace pattern expands to (braceexpand builds ranges eagerly, so
+    ``{0..999999999}`` must be refused before expanding, not after)."""
+    bound = 1
+    try:
+        for m in _RANGE.finditer(pattern):
+            if m.group(1) is not None:
+                lo, hi, step = int(m.group(1)), int(m.group(2)), m.group(3)
+            else:
+                lo, hi, step = ord(m.group(4)), ord(m.group(5)), m.group(6)
+            bound *= abs(hi - lo) // max(1, abs(int(step or 1))) + 1
+    except ValueError:  # a number too long to parse is a range too long to expand
+        return MAX_SHARD_URLS + 1
+    commas: list[int] = []  # per open brace: alternatives seen so far (nesting multiplies: an upper bound)
+    for ch in pattern:
+        if ch == "{":
+            commas.append(0)
+        elif ch == "," and commas:
+            commas[-1] += 1
+        elif ch == "}" and commas:
+            bound *= commas.pop() + 1
+    return bound
+
+
+def expand_shard_urls(spec: str, where: str) -> list[str]:
+    """webdataset's ``expand_urls`` (``::`` split, ``${WDS_var}`` substitution, brace expansion), refusing
+    patterns that would expand to more than MAX_SHARD_URLS URLs."""
+    from webdataset.shardlists import envsubst, expand_urls
+
+    for part in spec.split("::"):
+        for _ in range(10):  # as expand_urls substitutes
+            part, last = envsubst(part), part
+            if part == last:
+                break
+        if _expansion_bound(part) > MAX_SHARD_URLS:
+            raise ConfigError(f"{where} expands to more than {MAX_SHARD_URLS} shard URLs; split it up")
+    return expand_urls(spec)
 
 
 def _tar_label(url: str) -> str:
@@ -314,8 +357,6 @@ class TarSource(Source):
     kind = "webdataset"
 
     def __init__(self, spec: str, allow_pipe_in_list: bool = False, max_member_bytes: int = DEFAULT_MAX_BYTES):
-        from webdataset.shardlists import expand_urls
-
         super().__init__(spec)
         self.max_member_bytes = max_member_bytes
         path = Path(spec)
@@ -328,7 +369,7 @@ class TarSource(Source):
                 entry = line.strip()
                 if not entry or entry.startswith("#"):
                     continue
-                expanded = expand_urls(entry)
+                expanded = expand_shard_urls(entry, f"{spec} line {number}")
                 for url in expanded:
                     if url_scheme(url) == "pipe" and not allow_pipe_in_list:
                         raise ConfigError(
@@ -337,7 +378,7 @@ class TarSource(Source):
                         )
                 urls.extend(expanded)
         else:
-            urls = expand_urls(spec)
+            urls = expand_shard_urls(spec, f"embed source {spec!r}")
         if not urls:
             raise ConfigError(f"embed source {spec!r}: no tar shards found")
         self.urls = urls
@@ -358,9 +399,10 @@ class TarSource(Source):
         try:
             if not stats.is_file() or stats.stat().st_size > MAX_SIDECAR_BYTES:
                 return None
-            return int(json.loads(stats.read_bytes())["successes"])
-        except (OSError, ValueError, KeyError, TypeError):
+            count = json.loads(stats.read_bytes())["successes"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
+        return count if isinstance(count, int) and count >= 0 else None
 
     def _open(self, url: str, unit: Unit):
         from webdataset.gopen import gopen
@@ -446,7 +488,7 @@ class TarSource(Source):
                 meta = json.loads(decode_text(files["json"]).text)
                 caption = meta.get("caption") or meta.get("text") or ""
                 source = str(meta.get("url") or source)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 caption = ""
         yield Record(f"{label}/{key}", _clean(caption), source, files[image_ext])
 

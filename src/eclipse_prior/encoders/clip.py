@@ -3,7 +3,8 @@
 Two layouts are accepted because both are how CLIP ships for unCLIP: a full ``CLIPModel`` folder (what
 ``CLIPModel.save_pretrained`` writes, e.g. ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``) and the Kandinsky prior
 layout with ``text_encoder/ tokenizer/ image_encoder/ image_processor/`` subfolders. Weights load through
-transformers (safetensors preferred), never with ``trust_remote_code``.
+transformers from safetensors only (a folder holding only a pickle is refused, never unpickled), never with
+``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -125,15 +126,17 @@ def _check_local_folder(folder: Path, parts: list[str], subfolders: bool) -> Non
     for part in parts:
         where = folder / SUBFOLDERS[part] if subfolders else folder
         config = where / ("preprocessor_config.json" if part == "processor" else "config.json")
-        if part in ("text", "vision", "processor") and config.exists():
+        if config.exists():
             try:
+                if not config.is_file():  # a FIFO would block the read
+                    raise ValueError("not a regular file")
                 json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError) as err:
                 raise ModelNotFoundError(
                     f"CLIP folder {folder}: {config.relative_to(folder)} is damaged ({str(err).splitlines()[0]}); "
                     "re-download or re-save the model"
                 ) from None
-        if part in ("text", "vision") and not any((where / name).is_file() for name in SAFE_WEIGHTS):
+        if part != "processor" and not any((where / name).is_file() for name in SAFE_WEIGHTS):
             pickles = [name for name in PICKLE_WEIGHTS if (where / name).is_file()]
             held = f"only {', '.join(pickles)} (a pickle, which eclipse-prior never loads)" if pickles else "no weights"
             raise ModelNotFoundError(
@@ -258,8 +261,8 @@ def load_clip(
         local_files_only = offline_default()
     if local:
         subfolders = (Path(name) / SUBFOLDERS["text"] / "config.json").is_file()
-        parts = ["text", "tokenizer"] if text else []
-        _check_local_folder(Path(name), parts + (["vision", "processor"] if vision else []), subfolders)
+        parts = (["text"] if text else []) + (["vision", "processor"] if vision else [])
+        _check_local_folder(Path(name), parts, subfolders)
     else:
         subfolders, local_files_only = _hub_layout(name, local_files_only)
     kw: dict[str, Any] = {"local_files_only": local_files_only}
