@@ -336,6 +336,20 @@ def _clip_retrieval(tmp: Path, rows: dict[str, int]) -> Path:
     return root
 
 
+def _fifo_captions(tmp: Path) -> Path:
+    root = _folder(tmp / "src")
+    (root / "captions.jsonl").unlink()
+    os.mkfifo(root / "captions.jsonl")
+    return root
+
+
+def _fifo_clip_retrieval(tmp: Path) -> Path:
+    root = _clip_retrieval(tmp, {"img_emb": 5, "text_emb": 5, "metadata": 5})
+    (root / "text_emb" / "text_emb_0.npy").unlink()
+    os.mkfifo(root / "text_emb" / "text_emb_0.npy")
+    return root
+
+
 def _pickle_only_clip(tmp: Path, clip: Path) -> Path:
     folder = tmp / "clip"
     shutil.copytree(clip, folder)
@@ -459,6 +473,9 @@ CASES = [
          error=("--allow-pipe-in-list",)),
     Case("a list line whose braces expand to a billion URLs",
          lambda t: _list_file(t, lambda tar, m: f"{t}/{{0..999999999}}.tar"), error=("more than 1000000",)),
+    Case("a FIFO named captions.jsonl", _fifo_captions, error=("captions.jsonl is not a regular file",)),
+    Case("a FIFO where clip-retrieval's text_emb belongs", _fifo_clip_retrieval,
+         error=("text_emb_0.npy is not a regular file",)),
     Case("clip-retrieval text_emb has fewer rows",
          lambda t: _clip_retrieval(t, {"img_emb": 5, "text_emb": 4, "metadata": 5}),
          error=("img_emb/img_emb_0.npy 5", "text_emb/text_emb_0.npy 4", "metadata/metadata_0.parquet 5")),

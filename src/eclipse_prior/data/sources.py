@@ -68,6 +68,12 @@ class Unit:
     notes: Counter = field(default_factory=Counter)
 
 
+def _refuse_special(path: Path) -> None:
+    """A FIFO, device or folder where a data file belongs is a one-line error; opening it could block forever."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; replace it with the file it stands for")
+
+
 def _digest(parts: list[Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -162,6 +168,8 @@ class ImageFolderSource(Source):
     def _list(self) -> list[tuple[str, str]]:
         """(file as written, caption) per row; a malformed captions line keeps its slot as ("", BAD_LINE)."""
         jsonl, csv_path = self.root / "captions.jsonl", self.root / "captions.csv"
+        for path in (jsonl, csv_path):
+            _refuse_special(path)
         rows: list[tuple[int, dict[str, Any] | None]] = []  # (line number, row or None when malformed)
         if jsonl.is_file():
             text = self._decoded(jsonl.name, read_text_file(jsonl))
@@ -524,7 +532,7 @@ class ClipRetrievalSource(Source):
         if not parts:
             raise ConfigError(f"embed source {spec!r}: no img_emb/img_emb_N.npy files")
         self.parts = [n for n, _ in parts]
-        self.has_text = all(self._file("text_emb", n).is_file() for n in self.parts)
+        self.has_text = all(self._file("text_emb", n).exists() for n in self.parts)
         self.rows: dict[int, int] = {}
         self.dim = 0
         for n in self.parts:
@@ -535,6 +543,7 @@ class ClipRetrievalSource(Source):
         return self.root / kind / f"{kind}_{n}.{suffix}"
 
     def _vectors(self, path: Path) -> np.ndarray:
+        _refuse_special(path)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
@@ -557,6 +566,7 @@ class ClipRetrievalSource(Source):
             txt_path = self._file("text_emb", n)
             txt = self._vectors(txt_path)
             counts[txt_path], widths[txt_path] = txt.shape[0], txt.shape[1]
+        _refuse_special(meta_path)
         if not meta_path.is_file():
             raise ConfigError(f"embed source {self.spec!r}: {meta_path.relative_to(self.root)} is missing")
         try:
