@@ -17,7 +17,10 @@ import pickle
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import textwrap
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -581,6 +584,33 @@ def test_a_second_embed_on_a_claimed_store_is_refused(tmp_path, tiny_clip_dir, c
     _one_line_error(rc, err, "in use by", "embed (the first run)")
     assert sorted(p.name for p in out.iterdir()) == [".eclipse-prior.lock"]
     assert _embed(capsys, root, out, tiny_clip_dir)[0] == 0  # free again once the holder is gone
+
+
+def test_a_killed_embed_does_not_stay_locked_through_its_surviving_workers(tmp_path):
+    """kill -9 of the main process leaves its forked data-loader workers running for a while (blocked on a slow
+    source); they must not keep the store claimed, or the rerun would be told the store is in use."""
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from eclipse_prior.outputs import claim_dir
+        with claim_dir({str(out)!r}, "embed"):
+            child = os.fork()
+            if child == 0:  # a worker, still reading its shard
+                time.sleep(60)
+                os._exit(0)
+            print(child, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    proc.wait()
+    try:
+        assert proc.returncode == -signal.SIGKILL
+        os.kill(worker, 0)  # the worker is alive ...
+        with claim_dir(out, "the rerun"):  # ... and the store is free
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_full_disk_while_writing_a_shard_leaves_nothing_half_written(tmp_path, tiny_clip_dir, capsys, monkeypatch):

@@ -28,6 +28,21 @@ from tqdm.auto import tqdm
 from eclipse_prior.errors import EclipsePriorError
 
 LOCK_NAME = ".eclipse-prior.lock"
+_HELD: set[int] = set()  # lock descriptors of the claims this process holds now
+
+
+def _forget_claims_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep its parent's claims alive once the parent is gone:
+    flock belongs to the open file, which the child shares, so the child drops its copy of the descriptor."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_claims_in_child)
 
 
 class OutputBusyError(EclipsePriorError):
@@ -67,8 +82,10 @@ def claim_dir(path: str | Path, command: str) -> Iterator[Path]:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(fd)
         yield folder
     finally:
+        _HELD.discard(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

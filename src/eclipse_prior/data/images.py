@@ -63,7 +63,10 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise RejectedImage(NOT_REGULAR_FILE, str(path))
-        data = f.read(max_bytes + 1)
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:  # EIO from a failing disk, a file truncated while being read, ...
+            raise RejectedImage(UNREADABLE_IMAGE, f"{path}: {err.strerror}") from err
     if len(data) > max_bytes:
         raise RejectedImage(FILE_TOO_LARGE, f"{path}: more than {max_bytes} bytes")
     return data
