@@ -5,7 +5,9 @@ Sections (each a ratio against a baseline measured in the same run):
 2. training cost of store + training against re-encoding with CLIP every step (train_vs_reencode.py);
 3. prior latency, ECLIPSE vs Diffusion-Baseline vs Kandinsky's 1B prior (prior_latency.py, pipelines helper);
 4. `embed` throughput against the encoder's forward pass alone (embed_throughput.py);
-5. peak memory of training the released network at batch 256 against its model+optimizer state (memory.py).
+5. peak memory of training the released network at batch 256 against its model+optimizer state (memory.py);
+6. data path: rows/s of the store and the training loader against the machine's sequential read() ceiling,
+   warm and cold, with text states and pooled-only (data_path.py).
 
 Threads: `--threads auto` (default) uses every core unless the 1-minute load average already exceeds the core
 count, then one thread: on an oversubscribed machine two OpenMP threads spin waiting for each other whenever one
@@ -34,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
+import data_path  # noqa: E402
 import embed_throughput  # noqa: E402
 import memory  # noqa: E402
 import train_throughput  # noqa: E402
@@ -124,6 +127,7 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     section("3. Prior latency (generation)", "latency", _latency_lines)
     section("4. `embed` throughput vs the encoder forward pass alone", "embed", embed_throughput.format_row)
     section("5. Peak memory of training the released network", "memory", memory.format_rows)
+    section("6. Data path: store and loader rows/s vs sequential read() (batch 1024)", "data", data_path.format_rows)
     return "\n".join(out)
 
 
@@ -149,7 +153,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections (train,reencode,latency,embed,memory); the other sections' results are "
+        help="comma-separated sections (train,reencode,latency,embed,memory,data); the other sections' results are "
         "kept from an existing <machine>.json, and the header names what was rerun and when",
     )
     args = parser.parse_args()
@@ -173,6 +177,7 @@ def main() -> int:
         "latency": lambda: _latency(args.quick, threads),
         "embed": lambda: embed_throughput.run(args.quick),
         "memory": lambda: memory.run(args.quick, threads),
+        "data": lambda: data_path.run(args.quick),
     }
     wanted = args.only.split(",") if args.only else list(sections)
     out = Path(args.out)

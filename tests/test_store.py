@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from eclipse_prior.data.store import EmbeddingStore, StoreWriter, store_settings, val_mask, write_store
+from eclipse_prior.data.store import (
+    EmbeddingStore,
+    StoreWriter,
+    store_settings,
+    text_lengths,
+    val_mask,
+    write_store,
+)
 from eclipse_prior.encoders.clip import load_clip
 from eclipse_prior.errors import ModelNotFoundError, StoreError
 
@@ -54,9 +61,12 @@ def test_round_trip_values_order_and_metadata(tmp_path, dtype, tol):
     assert store.has_text_states and not store.normalized and store.clip_id == "tiny"
     idx = np.array([49, 0, 17, 16, 3, 33, 17])  # across shards, unsorted, repeated
     batch = store.get_batch(idx)
+    # the compact layout keeps states up to each row's last unmasked token; after it they read back as zeros
+    kept = np.arange(5)[None, :] < text_lengths(arrays["text_mask"])[:, None]
+    expected = {**arrays, "text_states": arrays["text_states"] * kept[..., None]}
     for key in ("image_embeds", "text_embeds", "text_states"):
         assert batch[key].dtype == np.float32
-        np.testing.assert_allclose(batch[key], arrays[key][idx], rtol=tol, atol=tol * 4)
+        np.testing.assert_allclose(batch[key], expected[key][idx], rtol=tol, atol=tol * 4)
     np.testing.assert_array_equal(batch["text_mask"], arrays["text_mask"][idx])
     assert store.captions(idx) == [meta[i]["caption"] for i in idx]
     assert store.meta([5])[0] == meta[5]

@@ -25,7 +25,7 @@ from eclipse_prior import outputs
 from eclipse_prior.data.embed_guard import check_out, check_resume, wait_for_fingerprint, write_fingerprint
 from eclipse_prior.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RejectedImage, decode_image
 from eclipse_prior.data.sources import Record, Source, Unit, open_source
-from eclipse_prior.data.store import DTYPES, StoreWriter, merge_counts, store_settings
+from eclipse_prior.data.store import DTYPES, TYPICAL_TEXT_TOKENS, StoreWriter, merge_counts, store_settings
 from eclipse_prior.data.text import encodable
 from eclipse_prior.encoders.clip import ClipBundle, clip_fingerprint, load_clip, tokenize
 from eclipse_prior.errors import ConfigError, StoreError
@@ -36,12 +36,25 @@ SHARD_BYTES_TARGET = 1 << 30  # with text states, shrink the default shard so on
 ENCODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def row_bytes(embed_dim: int, dtype: str, seq_len: int | None = None, state_dim: int | None = None) -> int:
-    """Bytes one store row takes on disk (vectors, hashes; per-token states and mask when given)."""
+def row_bytes(
+    embed_dim: int,
+    dtype: str,
+    seq_len: int | None = None,
+    state_dim: int | None = None,
+    text_tokens: float | None = None,
+) -> int:
+    """Bytes one store row takes on disk (vectors, hashes; per-token states and mask when given).
+
+    ``text_tokens``: tokens kept per row in the compact layout (plus its 8-byte offset); None: all ``seq_len``
+    (the padded layout, and the most a compact row can take).
+    """
     size = np.dtype(DTYPES[dtype]).itemsize
     total = 2 * embed_dim * size + 16
     if seq_len:
-        total += seq_len * (state_dim or 0) * size + seq_len
+        if text_tokens is None:
+            total += seq_len * (state_dim or 0) * size + seq_len
+        else:
+            total += round(min(text_tokens, seq_len) * ((state_dim or 0) * size + 1)) + 8
     return total
 
 
@@ -276,7 +289,7 @@ def _embed(opts: dict[str, Any], rank: int, world: int, auto_device: torch.devic
         )
     seq_len = bundle.max_length if text_states else None
     state_dim = bundle.text_state_dim if text_states else None
-    per_row = row_bytes(bundle.embed_dim, dtype, seq_len, state_dim)
+    per_row = row_bytes(bundle.embed_dim, dtype, seq_len, state_dim)  # a shard's buffer holds padded rows
     if shard_size is None:
         shard_size = max(256, min(DEFAULT_SHARD_SIZE, SHARD_BYTES_TARGET // per_row))
     if hasattr(probe, "shard_size"):
@@ -318,7 +331,7 @@ def _embed(opts: dict[str, Any], rank: int, world: int, auto_device: torch.devic
             log(f"store {out} is already complete ({len(units)} shards); nothing to do")
         return out
     if rank == 0:
-        _print_estimate(units, per_row, seq_len, state_dim, dtype, log)
+        _print_estimate(units, bundle.embed_dim, seq_len, state_dim, dtype, log)
     mine = [u for u in units if u.index % world == rank and not writer.done(u.index)]
     done_before = sum(writer.done(u.index) for u in units if u.index % world == rank)
     if done_before and rank == 0:
@@ -350,16 +363,17 @@ def _digest_units(unit_fingerprints: list[str]) -> str:
     return hashlib.sha256("\n".join(unit_fingerprints).encode()).hexdigest()
 
 
-def _print_estimate(units: list[Unit], per_row: int, seq_len, state_dim, dtype: str, log) -> None:
+def _print_estimate(units: list[Unit], embed_dim: int, seq_len, state_dim, dtype: str, log) -> None:
     known = [u.size for u in units if u.size is not None]
     n = sum(known)
     note = "" if len(known) == len(units) else f" (+ {len(units) - len(known)} shard(s) of unknown size)"
+    per_row = row_bytes(embed_dim, dtype, seq_len, state_dim, TYPICAL_TEXT_TOKENS if seq_len else None)
     msg = f"estimated store size: {n} rows x {per_row} B = {format_bytes(n * per_row)}{note}"
     if seq_len:
-        size = np.dtype(DTYPES[dtype]).itemsize
+        most = row_bytes(embed_dim, dtype, seq_len, state_dim)
         msg += (
-            f"; text states alone: {n} x {seq_len} x {state_dim} x {size} B = "
-            f"{format_bytes(n * seq_len * state_dim * size)}"
+            f" with text states kept up to each caption's last token ({TYPICAL_TEXT_TOKENS} tokens on average for "
+            f"the T2I-CompBench prompts); at most {format_bytes(n * most)} if every caption filled all {seq_len}"
         )
     log(msg)
 

@@ -66,7 +66,8 @@ def check_resume(
     if previous is None:
         log(f"note: store {out} records no source fingerprint (older embed); changes to SOURCE cannot be detected")
         return
-    if existing != settings:
+    # a store started before text_layout existed resumes in its padded layout (StoreWriter adopts it)
+    if existing != {k: v for k, v in settings.items() if k in existing or k != "text_layout"}:
         return  # StoreWriter refuses with the setting that differs; change nothing here
     if previous.get("clip") != fingerprint["clip"]:
         raise StoreError(

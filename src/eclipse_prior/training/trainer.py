@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eclipse_prior.config import save_config
+from eclipse_prior.data.store import token_positions
 from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import contrastive_loss, projection_loss
 from eclipse_prior.outputs import progress as progress_bar
@@ -311,38 +312,83 @@ def save_prior_atomic(prior: nn.Module, target: Path) -> None:
 
 
 class _Batches:
-    """This rank's micro-batches as tensors, fetched ahead by a background thread (the store is memory-mapped)."""
+    """This rank's micro-batches as device tensors, fetched ahead by a background thread.
+
+    The host reads only what the run uses (no text states for a pooled-only run), in the store's dtype, with text
+    states ragged (each row's tokens up to its last unmasked one) into pinned buffers on CUDA; the copy is
+    non-blocking, and padding to the prior's text length and the conversion to float32 happen on the device.
+    """
 
     def __init__(self, store: Any, order: DataOrder, cfg: TrainConfig, rank: int, world: int, device: Any) -> None:
         self.store, self.order, self.cfg = store, order, cfg
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.fields = ("image_embeds", "text_embeds") if cfg.pooled_only else store.array_names
+        self.pin = self.device.type == "cuda"
         self.pool = ThreadPoolExecutor(max_workers=1) if cfg.num_workers > 0 else None
         self.pending: dict[int, Future] = {}
 
-    def _load(self, micro_step: int) -> dict[str, np.ndarray]:
+    def _allocate(self, pinned: dict[int, torch.Tensor]) -> Callable[[tuple[int, ...], np.dtype], np.ndarray]:
+        """Output buffers for the store: pinned torch tensors on CUDA (kept, so the copy uses the pinned storage)."""
+        def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=True)
+            array = tensor.numpy()
+            pinned[array.__array_interface__["data"][0]] = tensor
+            return array
+
+        return allocate
+
+    def _load(self, micro_step: int) -> dict[str, Any]:
         b = self.cfg.batch_size
         rows = self.order.global_batch(micro_step, b * self.world)[self.rank * b : (self.rank + 1) * b]
-        batch = self.store.get_batch(rows)
+        pinned: dict[int, torch.Tensor] = {}
+        batch = self.store.get_batch(
+            rows, fields=self.fields, dtype=None, text_length="ragged",
+            allocate=self._allocate(pinned) if self.pin else None,
+        )
         batch["caption_ids"] = self.store.caption_ids(rows)
-        if self.cfg.pooled_only:
-            batch.pop("text_states", None)
-            batch.pop("text_mask", None)
-        return batch
+        if "text_states" in batch:
+            row_of, position = token_positions(batch.pop("text_rows"), batch.pop("text_lengths"))
+            batch["text_index"] = np.stack([row_of, position])
+        return {k: _host_tensor(v, pinned) for k, v in batch.items()}
+
+    def _to_device(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        moved = {k: v.to(self.device, non_blocking=self.pin) for k, v in host.items()}
+        out = {k: moved[k].float() for k in ("image_embeds", "text_embeds")}
+        out["caption_ids"] = moved["caption_ids"]
+        if "text_states" in moved:
+            n, length = out["image_embeds"].shape[0], self.store.text_seq_len
+            row_of, position = moved["text_index"].unbind(0)
+            states = torch.zeros(n, length, moved["text_states"].shape[1], device=self.device)
+            mask = torch.zeros(n, length, dtype=torch.bool, device=self.device)
+            states[row_of, position] = moved["text_states"].float()
+            mask[row_of, position] = moved["text_mask"]
+            out["text_states"], out["text_mask"] = states, mask
+        return out
 
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
         if self.pool is None:
-            arrays = self._load(micro_step)
+            host = self._load(micro_step)
         else:
             future = self.pending.pop(micro_step, None) or self.pool.submit(self._load, micro_step)
             for ahead in range(micro_step + 1, micro_step + 1 + self.cfg.num_workers):
                 if ahead not in self.pending:
                     self.pending[ahead] = self.pool.submit(self._load, ahead)
-            arrays = future.result()
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+            host = future.result()
+        return self._to_device(host)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _host_tensor(array: np.ndarray, pinned: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The pinned tensor behind ``array`` when the loader allocated it, else a tensor sharing its memory."""
+    tensor = pinned.get(array.__array_interface__["data"][0])
+    return tensor if tensor is not None and tensor.numel() == array.size else torch.from_numpy(array)
+
+
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(bool): torch.bool, np.dtype(np.int64): torch.int64}
 
 
 def _param_groups(prior: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
