@@ -38,6 +38,7 @@ UNDEFINED_REASONS: dict[str, str] = {
 }
 # Below this many rows the metrics are noisy; evaluate and train's validation say so.
 FEW_ROWS_WARNING = 50
+POOLED = ("image_embeds", "text_embeds")  # store arrays every prior reads; text states only if it uses them
 
 
 def split_size_warning(n: int, split: str) -> str | None:
@@ -89,9 +90,10 @@ def predict_split(
     was_training = prior.training
     prior.eval()
     preds = []
+    fields = None if prior.uses_text_states else POOLED  # a pooled-only prior never reads the text states
     try:
         for start in range(0, len(indices), batch_size):
-            batch = store.get_batch(indices[start : start + batch_size])
+            batch = store.get_batch(indices[start : start + batch_size], fields=fields)
             states = mask = None
             if prior.uses_text_states:
                 states = torch.from_numpy(batch["text_states"])
@@ -202,8 +204,8 @@ def evaluate_prior(
     pred = predict_split(prior, store, indices, batch_size, num_inference_steps, guidance_scale, seed)
     image, text = [], []
     for start in range(0, len(indices), batch_size):
-        batch = store.get_batch(indices[start : start + batch_size])
-        for key in ("image_embeds", "text_embeds"):
+        batch = store.get_batch(indices[start : start + batch_size], fields=POOLED)
+        for key in POOLED:
             if not np.isfinite(batch[key]).all():
                 raise StoreError(f"store {name}: {key} contains NaN or Inf in split {split!r}")
         image.append(torch.from_numpy(batch["image_embeds"]))

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eclipse_prior.config import save_config
-from eclipse_prior.data.store import token_positions
+from eclipse_prior.data.store import BufferRing, token_positions
 from eclipse_prior.errors import ConfigError, EclipsePriorError, StoreError
 from eclipse_prior.losses import contrastive_loss, projection_loss
 from eclipse_prior.outputs import progress as progress_bar
@@ -324,6 +324,8 @@ class _Batches:
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.fields = ("image_embeds", "text_embeds") if cfg.pooled_only else store.array_names
         self.pin = self.device.type == "cuda"
+        # pageable host buffers are reused; each batch is copied out by _to_device before its slot comes round
+        self.ring = BufferRing(cfg.num_workers + 2)
         self.pool = ThreadPoolExecutor(max_workers=1) if cfg.num_workers > 0 else None
         self.pending: dict[int, Future] = {}
 
@@ -343,7 +345,7 @@ class _Batches:
         pinned: dict[int, torch.Tensor] = {}
         batch = self.store.get_batch(
             rows, fields=self.fields, dtype=None, text_length="ragged",
-            allocate=self._allocate(pinned) if self.pin else None,
+            allocate=self._allocate(pinned) if self.pin else self.ring.batch(),
         )
         batch["caption_ids"] = self.store.caption_ids(rows)
         if "text_states" in batch:
@@ -353,7 +355,7 @@ class _Batches:
 
     def _to_device(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         moved = {k: v.to(self.device, non_blocking=self.pin) for k, v in host.items()}
-        out = {k: moved[k].float() for k in ("image_embeds", "text_embeds")}
+        out = {k: moved[k].to(torch.float32, copy=True) for k in ("image_embeds", "text_embeds")}
         out["caption_ids"] = moved["caption_ids"]
         if "text_states" in moved:
             n, length = out["image_embeds"].shape[0], self.store.text_seq_len
