@@ -97,8 +97,7 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['load_start']:.1f} / {meta['load_end']:.1f} (other users' jobs on the same cores)",
         f"- wall time: {sum(meta['section_seconds'].values()):.0f} s for sections {', '.join(meta['section_seconds'])}",
     ]
-    if meta.get("earlier_run"):
-        e = meta["earlier_run"]
+    for e in meta.get("earlier_runs", []):
         out.append(
             f"- sections {', '.join(e['kept'])} kept from `{e['command']}` of {e['date']} (threads {e['threads']}, "
             f"load {e['load_start']:.1f} / {e['load_end']:.1f}, {sum(e['section_seconds'].values()):.0f} s)"
@@ -143,6 +142,19 @@ def _matmul_line(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _earlier_runs(old: dict[str, Any], kept: set[str]) -> list[dict[str, Any]]:
+    """Which earlier run made each kept section: the previous file's own run and the runs it had kept in turn."""
+    keep = ("command", "date", "threads", "threads_reason", "load_start", "load_end", "section_seconds")
+    own = {k: old[k] for k in keep} | {"kept": list(old["section_seconds"])}
+    before = old.get("earlier_runs") or ([old["earlier_run"]] if old.get("earlier_run") else [])
+    runs = []
+    for run in (own, *before):
+        sections = sorted(set(run["kept"]) & kept)
+        if sections:
+            runs.append(run | {"kept": sections})
+    return runs
+
+
 def main() -> int:
     """Run the suite and write the results; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -184,12 +196,11 @@ def main() -> int:
     previous = out / f"{name}.json"
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    earlier: dict[str, Any] = {}
+    earlier: list[dict[str, Any]] = []
     if args.only and previous.is_file():
         old = json.loads(previous.read_text())
         results = {k: v for k, v in old["results"].items() if k not in wanted}
-        keep = ("command", "date", "threads", "threads_reason", "load_start", "load_end", "section_seconds")
-        earlier = {k: old["meta"][k] for k in keep} | {"kept": sorted(results)}
+        earlier = _earlier_runs(old["meta"], set(results))
     for key in wanted:
         _section(key, sections[key], results, seconds)
 
@@ -203,7 +214,7 @@ def main() -> int:
         "load_start": load_start,
         "load_end": common.load_average(),
         "section_seconds": seconds,
-        "earlier_run": earlier,
+        "earlier_runs": earlier,
     }
     md = render_markdown(results, meta)
     out.mkdir(parents=True, exist_ok=True)
