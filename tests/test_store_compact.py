@@ -246,3 +246,31 @@ def test_damaged_compact_shard_gives_store_error(tmp_path):
     np.save(shard / "text_offsets.npy", offsets)
     with pytest.raises(StoreError, match="shard-00001: ragged text arrays are inconsistent"):
         EmbeddingStore(tmp_path / "s").validate(checksums=False)
+
+
+def test_loader_hands_the_allocated_pinned_buffers_to_the_copy(tmp_path, monkeypatch):
+    """On CUDA the loader reads into pinned tensors and must copy from those very tensors (their storage is what
+    the caching host allocator tracks for the non-blocking copy). Without a GPU, pinning is stubbed out and the
+    bookkeeping checked: every array the store allocated comes back as the tensor that was allocated for it."""
+    arrays, meta = _rows([4, 77, 9, 1, 33, 12, 7, 2] * 2, width=8)
+    store = _write(tmp_path / "s", arrays, meta, dtype="fp16")
+    allocated: list[torch.Tensor] = []
+    empty = torch.empty
+
+    def fake_pinned_empty(*shape, pin_memory=False, **kw):
+        tensor = empty(*shape, **kw)
+        allocated.append(tensor)
+        return tensor
+
+    loader = _Batches(store, DataOrder(store.split_indices("train"), 0), TrainConfig(batch_size=5, num_workers=0),
+                      0, 1, torch.device("cpu"))
+    loader.pin = True
+    monkeypatch.setattr(torch, "empty", fake_pinned_empty)
+    host = loader._load(0)
+    monkeypatch.undo()
+    assert {k for k, v in host.items() if any(v is t for t in allocated)} == {
+        "image_embeds", "text_embeds", "text_states", "text_mask"}
+    rows = loader.order.global_batch(0, 5)
+    batch = loader._to_device(host)
+    np.testing.assert_array_equal(batch["text_states"].numpy(), _kept(arrays)[rows].astype(np.float16))
+    np.testing.assert_array_equal(batch["text_mask"].numpy(), arrays["text_mask"][rows])
