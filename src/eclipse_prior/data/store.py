@@ -622,7 +622,9 @@ class EmbeddingStore:
             out.pop(key, None)
         return out
 
-    def _vector_task(self, shard: int, key: str, dest: np.ndarray, pos: np.ndarray, local: np.ndarray):
+    def _vector_task(
+        self, shard: int, key: str, dest: np.ndarray, pos: np.ndarray, local: np.ndarray
+    ) -> Callable[[], None]:
         def task() -> None:
             arr = self._array(shard, key)
             dest[pos] = arr[local]
@@ -710,7 +712,8 @@ class EmbeddingStore:
         Why not the memory map: a cold random fault reads 4 KiB at a time once the kernel sees random access (a
         64 KB row took ~15 synchronous reads), while one pread per row is one request of the row's size, and
         preads from several reader threads give the disk queue depth; warm, a pread is one memcpy from the page
-        cache without page-table faults. Measured here: 2.5x (cold) and 1.6x (warm) the mapped gather.
+        cache without page-table faults. Measured here (8 threads, 1.2 GB ragged file): 2.4x (cold) and 1.6x (warm)
+        the mapped gather.
         """
         if not (isinstance(flat, np.memmap) and flat.flags.c_contiguous):
             np.take(flat, tokens, axis=0, out=dest)
