@@ -7,14 +7,19 @@ Sections (each a ratio against a baseline measured in the same run):
 4. `embed` throughput against the encoder's forward pass alone (embed_throughput.py);
 5. peak memory of training the released network at batch 256 against its model+optimizer state (memory.py);
 6. data path: rows/s of the store and the training loader against the machine's sequential read() ceiling,
-   warm and cold, with text states and pooled-only (data_path.py).
+   warm and cold, with text states and pooled-only (data_path.py);
+7. `train --compile` on this CPU, eager vs torch.compile (device_train.py);
+8. `embed` with a real-size CLIP ViT-L/14 from JPEG webdataset shards vs its forward pass alone (embed_real.py).
+Sections 7 and 8 take long on a CPU (compilation; a 428M-parameter CLIP) and run only when named in `--only`.
 
 Threads: `--threads auto` (default) uses every core unless the 1-minute load average already exceeds the core
 count, then one thread: on an oversubscribed machine two OpenMP threads spin waiting for each other whenever one
 is descheduled, which measured 5-10x slower per CPU-second here than one thread. The choice and the load
 averages are written into the results. A failing section is reported in the table and does not stop the rest.
 
-Usage: `python benchmarks/run.py [--quick] [--threads auto|N] [--machine NAME]`.
+Usage: `python benchmarks/run.py [--quick] [--threads auto|N] [--machine NAME]`. With `--device cuda` it runs the
+accelerator suite instead (device_suite.py: training MFU, prior and end-to-end latency, real-size `embed`, store
+loader), writing results/<gpu name>.{md,json}; `--device cpu --smoke` runs that suite at tiny sizes on a CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 import data_path  # noqa: E402
+import device_suite  # noqa: E402
+import device_train  # noqa: E402
+import embed_real  # noqa: E402
 import embed_throughput  # noqa: E402
 import memory  # noqa: E402
 import train_throughput  # noqa: E402
@@ -127,6 +135,8 @@ def render_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     section("4. `embed` throughput vs the encoder forward pass alone", "embed", embed_throughput.format_row)
     section("5. Peak memory of training the released network", "memory", memory.format_rows)
     section("6. Data path: store and loader rows/s vs sequential read() (batch 1024)", "data", data_path.format_rows)
+    section("7. `train --compile` on this CPU: eager vs torch.compile", "compile", device_train.format_cpu_compile)
+    section("8. `embed` with a real-size CLIP ViT-L/14 from JPEG webdataset shards", "embed-vitl", embed_real.format_row)
     return "\n".join(out)
 
 
@@ -165,10 +175,14 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections (train,reencode,latency,embed,memory,data); the other sections' results are "
-        "kept from an existing <machine>.json, and the header names what was rerun and when",
+        help="comma-separated sections (train,reencode,latency,embed,memory,data; compile,embed-vitl only when "
+        f"named; with --device: {','.join(device_suite.SECTIONS)}); the other sections' results are kept from an "
+        "existing <machine>.json, and the header names what was rerun and when",
     )
+    device_suite.add_arguments(parser)
     args = parser.parse_args()
+    if args.device is not None:  # the accelerator suite (benchmarks/device_suite.py)
+        return device_suite.main(args)
 
     cores = os.cpu_count() or 1
     load_start = common.load_average()
@@ -190,19 +204,27 @@ def main() -> int:
         "embed": lambda: embed_throughput.run(args.quick),
         "memory": lambda: memory.run(args.quick, threads),
         "data": lambda: data_path.run(args.quick),
+        "compile": lambda: device_train.cpu_compile(args.quick),
+        "embed-vitl": lambda: embed_real.run(
+            "vit-l-14", torch.device("cpu"), rows=8 if args.quick else 16, batch=4 if args.quick else 8, workers=2,
+            shards=2,
+        ),
     }
-    wanted = args.only.split(",") if args.only else list(sections)
+    # compile (minutes of compilation per network) and embed-vitl (a 428M-parameter CLIP on a CPU) run when named
+    wanted = args.only.split(",") if args.only else [k for k in sections if k not in ("compile", "embed-vitl")]
     out = Path(args.out)
     previous = out / f"{name}.json"
-    results: dict[str, Any] = {}
+    fresh: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    for key in wanted:
+        _section(key, sections[key], fresh, seconds)
+    results: dict[str, Any] = {}
     earlier: list[dict[str, Any]] = []
-    if args.only and previous.is_file():
+    if previous.is_file():  # read now, not at start: another --only run may have finished meanwhile
         old = json.loads(previous.read_text())
         results = {k: v for k, v in old["results"].items() if k not in wanted}
         earlier = _earlier_runs(old["meta"], set(results))
-    for key in wanted:
-        _section(key, sections[key], results, seconds)
+    results |= fresh
 
     meta = {
         "name": name,

@@ -58,6 +58,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata=_h("autocast dtype (bf16 works on CPUs with AMX; fp16 needs a GPU)")
     )
+    compile: bool = field(
+        default=False,
+        metadata=_h("torch.compile the prior's forward (accelerate's dynamo backend); off by default: on a CPU it "
+                    "gained nothing in fp32 for minutes of compilation, 1.4x for bf16 runs of the small network "
+                    "(README Speed, section 7); GPU figures pending"),
+    )
     grad_clip: float = field(default=1.0, metadata=_h("max global gradient norm (0 disables)"))
     ema_decay: float = field(
         default=0.9999, metadata=_h("EMA decay (warmed up as min(decay, (1+n)/(10+n)); 0 disables)")

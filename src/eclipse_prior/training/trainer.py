@@ -257,6 +257,7 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Any:
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
             cpu=not torch.cuda.is_available(),
+            dynamo_backend="inductor" if cfg.compile else None,  # prepare() then wraps the model in torch.compile
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         )
