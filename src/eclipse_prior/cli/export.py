@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from eclipse_prior import hub
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a training run as a diffusers prior folder with a model card")
@@ -16,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace config.json / diffusion_pytorch_model.safetensors / README.md in --out that an earlier export "
         "did not write (other files there are never touched)",
     )
+    hub.add_push_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -24,4 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = export_run(args.run_dir, args.out, use_ema=not args.no_ema, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {out} ({'raw' if args.no_ema else 'EMA'} weights)")
+    if args.push_to_hub:
+        url = hub.publish(args.run_dir, out, args.push_to_hub, args.private, args.license, args.dataset)
+        print(f"pushed {out} to {url}")
     return 0
