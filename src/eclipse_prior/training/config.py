@@ -78,6 +78,22 @@ class TrainConfig:
     val_guidance: float = field(
         default=4.0, metadata=_h("diffusion prior guidance scale in validation (ECLIPSE ignores it; paper: 4.0)")
     )
+    val_decoder: str | None = field(
+        default=None,
+        metadata=_h("decoder (kandinsky22, karlo, hub id or folder) that decodes --val-prompts with the EMA prior "
+                    "and logs the images to the tracker and RUN/val_images/ (off when unset)"),
+    )
+    val_prompts: str | None = field(default=None, metadata=_h("text file of validation prompts, one per line"))
+    val_clip: str | None = field(
+        default=None, metadata=_h("CLIP for the validation images' text side (default: the store's CLIP)")
+    )
+    val_images_every: int = field(
+        default=0, metadata=_h("steps between validation images (0: with --val-every, or only at the end)")
+    )
+    val_image_steps: int = field(default=25, metadata=_h("decoder steps of the validation images"))
+    val_image_guidance: float | None = field(
+        default=None, metadata=_h("decoder guidance of the validation images (default: the decoder's)")
+    )
     log_every: int = field(default=50, metadata=_h("steps between loss log lines"))
     seed: int = field(default=0, metadata=_h("seed of weights, data order and noise"))
     pooled_only: bool = field(
@@ -122,6 +138,7 @@ class TrainConfig:
             "log_every": self.log_every,
             "val_max_samples": self.val_max_samples,
             "val_steps": self.val_steps,
+            "val_image_steps": self.val_image_steps,
         }
         for name, value in positive.items():
             if value < 1:
@@ -136,11 +153,14 @@ class TrainConfig:
             "weight_decay": self.weight_decay,
             "grad_clip": self.grad_clip,
             "val_guidance": self.val_guidance,
+            "val_images_every": self.val_images_every,
         }
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         if not 0 <= self.seed < 2**63:  # torch and numpy seeds: non-negative, 64-bit
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.val_decoder and not self.val_prompts:
+            raise ConfigError("--val-decoder needs --val-prompts FILE (one prompt per line)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -43,6 +43,7 @@ from eclipse_prior.outputs import progress as progress_bar
 from eclipse_prior.outputs import write_json_atomic
 from eclipse_prior.training.checkpoint import EMA, safetensors_io_errors, save_checkpoint
 from eclipse_prior.training.config import TrainConfig
+from eclipse_prior.training.curves import plot_training_curves
 from eclipse_prior.training.resume import (
     check_data_fingerprint,
     check_run_dir,
@@ -57,6 +58,7 @@ from eclipse_prior.training.resume import (
     silent,
     truncate_metrics,
 )
+from eclipse_prior.training.validation_images import validation_images
 
 
 def objective_loss(
@@ -483,6 +485,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 _announce_validation(store, cfg)
         accelerator.wait_for_everyone()
 
+        val_images = validation_images(cfg, store, ema.model, run_dir, accelerator.device) if main else None
         order = DataOrder(train_rows, cfg.seed)
         batches = _Batches(store, order, cfg, rank, world, accelerator.device)
         global_micro = cfg.batch_size * world
@@ -520,6 +523,8 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 paused = time.perf_counter()
                 if main and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
                     _validate(ema.model, store, cfg, done, metrics_path, accelerator)
+                if val_images is not None and val_images.due(done, cfg.steps):
+                    val_images.log(ema.model, done, accelerator)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     if main:
                         extra = {"data_position": order.position(done * cfg.grad_accum, global_micro),
@@ -539,6 +544,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             run_info = json.loads((run_dir / "run.json").read_text())
             run_info["status"] = "finished"
             write_json_atomic(run_dir / "run.json", run_info)
+            plot_training_curves(run_dir)
     except BaseException:
         claim.__exit__(*sys.exc_info())  # the claim learns the run failed: a folder it created and left empty goes
         raise
