@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv
+.PHONY: demo test bench lint venv app screenshot
 
 venv: $(STAMP)
 
@@ -12,8 +12,15 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,app]'
 	touch $(STAMP)
+
+app: $(STAMP)
+	$(BIN)/eclipse-prior app
+
+# README's screenshot of the app: the app on the shapes world, driven in headless Chromium (apt-get install chromium)
+screenshot: $(STAMP)
+	$(BIN)/python scripts/app_screenshot.py docs/app.png
 
 demo: $(STAMP)
 	$(BIN)/eclipse-prior demo --out out/demo

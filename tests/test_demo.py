@@ -52,5 +52,10 @@ def test_quick_demo_writes_report_and_grid(tmp_path):
         assert width == 330 + len(COLUMNS) * 98
         pixels = np.asarray(grid.convert("RGB"))[16:, 330:]
         assert pixels.std() > 5  # decoded images, not blank cells
+        # pictures during training: each prior decoded the demo prompts at steps 6, 12, 18 and 20
+        rounds = sorted(p.name for p in (out / "runs").glob("*/val_images/step-*.png"))
+        assert rounds == sorted(f"step-{s:07d}.png" for s in (6, 12, 18, 20) for _ in range(3))
+        assert len(list((out / "runs").glob("*/logs/**/events.out.tfevents.*"))) == 3
+        assert len(list((out / "runs").glob("*/curves.png"))) == 3
     else:
         assert "not written" in report

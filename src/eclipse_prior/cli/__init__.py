@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "benchmark-images": "benchmark_images",
     "shapes": "shapes",
     "demo": "demo",
+    "app": "app",
 }
 
 

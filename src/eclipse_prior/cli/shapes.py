@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     b = sub.add_parser("build", help="rebuild the shipped shapes-world weights (clip, judge, decoder, prior)")
-    b.add_argument("--part", choices=["clip", "judge", "decoder", "prior", "all"], default="all",
+    b.add_argument("--part", choices=["clip", "judge", "decoder", "prior", "diffusion-prior", "all"], default="all",
                    help="which part to rebuild (default all; decoder and prior need clip)")
     b.add_argument("--out", default=None, help="weights folder (default: the package's shapes/weights)")
     b.add_argument("--work", default=None, help="resumable work folder (default: ./shapes-build-work)")

@@ -151,6 +151,8 @@ class BenchmarkConfig:
     judge_part: bool = True
     threads: int | None = None
     quick: bool = False
+    val_prompts: str | None = None  # prompts file decoded during training (TensorBoard + RUN/val_images); demo
+    val_images_every: int = 0
 
     @classmethod
     def quick_config(cls, out: str, **overrides: Any) -> BenchmarkConfig:
@@ -260,6 +262,10 @@ def train_spec(
         report_to="none", num_workers=0, verify_store=False, ema_decay=0.99,
         resume=(run_dir / "config.yaml").is_file(), progress=progress,
     )
+    if cfg.val_prompts:  # pictures during training: the held-out compositions forming, in TensorBoard
+        tcfg.val_decoder = str(Path(cfg.decoder) if cfg.decoder else shipped("decoder"))
+        tcfg.val_prompts, tcfg.val_images_every, tcfg.report_to = cfg.val_prompts, cfg.val_images_every, "tensorboard"
+        tcfg.val_image_steps, tcfg.val_image_guidance = cfg.decoder_steps, cfg.decoder_guidance
     log(f"training {spec.name} ({cfg.steps} steps)")
     t0 = time.time()
     train(tcfg)

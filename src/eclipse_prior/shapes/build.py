@@ -5,7 +5,9 @@ Parts and where they land (``--out``, default the package's ``shapes/weights``):
 - ``clip``: the shapes CLIP (``shapes.clip_train.build_clip``) -> ``clip/``;
 - ``judge``: the attribute/relation judge (``shapes.judge.build_judge``) -> ``judge/``;
 - ``decoder``: the latent unCLIP decoder (``shapes.decoder.build_decoder``, needs ``clip/``) -> ``decoder/``;
-- ``prior``: the shipped ECLIPSE prior (needs ``clip/``) -> ``prior/``, fp16 safetensors.
+- ``prior``: the shipped ECLIPSE prior (needs ``clip/``) -> ``prior/``, fp16 safetensors;
+- ``diffusion-prior``: the Diffusion-Baseline of the same setting (needs ``clip/``) -> ``diffusion-prior/``, fp16;
+  `eclipse-prior app` shows it beside ECLIPSE.
 
 The shipped prior is the shapes benchmark's ECLIPSE configuration at seed 0 (small preset, lam 0.2, tau from
 the CLIP, pooled text embedding, the same low-data training set with the held-out compositions withheld), so
@@ -43,7 +45,7 @@ from eclipse_prior.shapes.benchmark import (
 from eclipse_prior.shapes.checkpoint import replacing_dir
 from eclipse_prior.shapes.holdout import load_holdout
 
-PARTS: tuple[str, ...] = ("clip", "judge", "decoder", "prior")
+PARTS: tuple[str, ...] = ("clip", "judge", "decoder", "prior", "diffusion-prior")
 
 
 def build_prior(
@@ -52,9 +54,10 @@ def build_prior(
     work_dir: str | Path,
     holdout_file: str | None = None,
     log: Callable[[str], None] = print,
+    objective: str = "eclipse",
     **overrides: Any,
 ) -> Path:
-    """Train the shipped ECLIPSE prior (benchmark ECLIPSE setting, seed 0) and save it as fp16 safetensors.
+    """Train a shipped prior (the benchmark's setting of ``objective``, seed 0) and save it as fp16 safetensors.
 
     ``overrides`` change BenchmarkConfig fields (steps, train_size, preset): tests build a small one this way.
     """
@@ -63,7 +66,7 @@ def build_prior(
     work = Path(work_dir)
     store = make_training_store(work / "data", cfg.train_size, clip_dir, load_holdout(holdout_file), cfg.data_seed,
                                 log)
-    spec = PriorSpec("eclipse", cfg.lam, 0, cfg.preset, cfg.train_size)
+    spec = PriorSpec(objective, cfg.lam if objective == "eclipse" else 0.0, 0, cfg.preset, cfg.train_size)
     run = train_spec(spec, store, work / "runs" / spec.name, cfg, clip_tau(clip_dir), log)
     prior = load_run_prior(run).to(torch.float16)
     out = Path(out_dir)
@@ -125,8 +128,10 @@ def build(
 
             build_decoder(out / "decoder", clip_path=out / "clip", work_dir=work / "decoder",
                           config=configs.get("decoder"), log=log)
-        else:
+        elif part == "prior":
             build_prior(out / "prior", out / "clip", work / "prior", log=log)
+        else:
+            build_prior(out / part, out / "clip", work / part, log=log, objective="diffusion")
         seconds[part] = round(time.time() - t0, 1)
         log(f"built {part} in {seconds[part]:.0f}s")
     return seconds
