@@ -19,12 +19,21 @@ from eclipse_prior.app.browser import chromium_path, drive, start_app  # noqa: E
 from eclipse_prior.app.engine import TEXT_COLUMN  # noqa: E402
 from eclipse_prior.cli import main  # noqa: E402
 
-COLUMNS = ["ECLIPSE", "Diffusion-Baseline", TEXT_COLUMN]
+COLUMNS = ["ECLIPSE", "Diffusion-Baseline", "Too narrow", TEXT_COLUMN]
+NARROW = 2  # the column whose prior does not fit the decoder
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    running = start_app(tmp_path_factory.mktemp("app"))
+    """The default shapes-world columns plus a prior of the wrong width, which must show as a message."""
+    from eclipse_prior.app import default_columns
+    from eclipse_prior.models import EclipsePrior
+
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    EclipsePrior.from_preset("tiny", 32, None, pooled_only=True).save_pretrained(root / "narrow")
+    priors = [f"{name}={path}" for name, path in default_columns(None, [])[0]] + [f"Too narrow={root / 'narrow'}"]
+    running = start_app(root, [arg for p in priors for arg in ("--prior", p)])
     yield running
     running.stop()
 
@@ -42,9 +51,12 @@ def test_page_in_chromium_draws_every_column_without_console_errors(app, tmp_pat
         pytest.skip("no Chromium on PATH (apt-get install chromium)")
     shot = tmp_path / "app.png"
     run = drive(app.url, "a purple star and a yellow circle", num_images=2, screenshot=shot)
-    assert run.columns == [[(64, 64)] * 2] * len(COLUMNS)  # 2 images per column at the decoder's 64 px
+    expected = [[(64, 64)] * 2] * len(COLUMNS)  # 2 images per column at the decoder's 64 px
+    expected[NARROW] = []
+    assert run.columns == expected
     assert run.status.startswith("Drew 2 image(s) per column (seeds 0-1)")
-    assert all("column total" in t for t in run.timings) and "ms" in run.timings[0]
+    assert "ms" in run.timings[0] and all("column total" in t for i, t in enumerate(run.timings) if i != NARROW)
+    assert "width 32" in run.timings[NARROW] and "Unavailable" in run.timings[NARROW]
     assert run.console_errors == []
     assert run.external_requests == []  # offline: nothing but the app itself was fetched
     with Image.open(shot) as img:
@@ -61,7 +73,8 @@ def test_api_draws_columns_whose_downloads_regenerate_exactly(client, tmp_path):
     assert status.startswith("Drew 2 image(s)")
     columns = [values[i : i + 3] for i in range(0, len(values), 3)]
     assert len(columns) == len(COLUMNS)
-    for gallery, timing, files in columns:
+    assert not columns[NARROW][0] and "width 32" in columns[NARROW][1]
+    for gallery, timing, files in columns[:NARROW] + columns[NARROW + 1 :]:
         assert len(gallery) == 2 and "column total" in timing
         assert all(Image.open(item["image"]).size == (64, 64) for item in gallery)
         assert sorted(Path(f).suffix for f in files) == [".json", ".json", ".png", ".png"]
@@ -83,7 +96,7 @@ def test_bad_input_is_a_message_and_the_app_keeps_serving(client):
                             ({"size": 72}, "multiple of 16")):
         status, *values = _predict(client, **kwargs)
         assert status.startswith("**Cannot draw:**") and message in status and "Traceback" not in status
-        assert all(v in (None, "", []) for v in values)
+        assert all(v in (None, "", []) for v in values)  # no images from a refused request
     with pytest.raises(AppError, match="maximum"):  # gradio's own bound on the slider, also one line
         _predict(client, n=99)
     status, *_ = _predict(client)

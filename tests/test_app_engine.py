@@ -111,8 +111,15 @@ def test_prior_specs_and_startup_errors(tmp_path):
     for bad in (["=x"], ["A="], ["A=x", "A=y"]):
         with pytest.raises(ConfigError):
             parse_prior_specs(bad)
-    # a decoder that does not exist is an error at startup (one line, exit 2), not a page message
-    assert main(["app", "--decoder", str(tmp_path / "nope"), "--offline"]) == 2
+    # a decoder that does not exist is an error at startup (one line, exit 2 from the CLI), not a page message
+    from eclipse_prior.app import load_engine
+    from eclipse_prior.cli import build_parser
+    from eclipse_prior.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="decoder .*nope"):
+        load_engine(build_parser().parse_args(["app", "--decoder", str(tmp_path / "nope"), "--offline"]))
+    with pytest.raises(ConfigError, match="--max-images must be at least 1"):
+        load_engine(build_parser().parse_args(["app", "--max-images", "0"]))
 
 
 def test_the_core_never_imports_gradio():

@@ -149,9 +149,9 @@ class Engine:
                                     LoadedPipeline(base.pipe, base.kind, {**base.models, "prior": record},
                                                    type(prior).__name__, base.device, base.dtype))
             except (IncompatibleModelsError, ModelNotFoundError, ConfigError) as err:
-                if base is None and not isinstance(err, IncompatibleModelsError) and spec is not None \
-                        and _loads(spec, local_files_only):
-                    raise  # the prior loads, so the decoder or CLIP is what failed: nothing can be drawn
+                if base is None and not isinstance(err, IncompatibleModelsError) \
+                        and (spec is None or _loads(spec, local_files_only)):
+                    raise  # the decoder, the CLIP or the decoder's default prior failed: nothing can be drawn
                 column = Column(name, error=f"prior {spec or '(the decoder default)'} cannot be used: "
                                             f"{_one_line(err)}")
             self.columns.append(column)
