@@ -128,3 +128,25 @@ def test_the_core_never_imports_gradio():
             "print('gradio' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_karlo_decoder_has_a_fixed_size_and_its_sidecars_regenerate(tiny_clip_dir, tmp_path):
+    """The other decoder layout: no size choice, a text column built from Karlo's own inputs, sidecars that
+    `generate` remakes."""
+    from eclipse_prior.models import EclipsePrior
+    from eclipse_prior.pipelines.tiny import save_tiny_karlo_decoder
+
+    torch.manual_seed(0)
+    EclipsePrior.from_preset("tiny", embedding_dim=32, num_embeddings=77).save_pretrained(tmp_path / "prior")
+    decoder = save_tiny_karlo_decoder(tmp_path / "karlo", tiny_clip_dir)
+    engine = Engine([("mine", str(tmp_path / "prior"))], str(decoder), None, tmp_path / "out", device="cpu",
+                    local_files_only=True)
+    assert engine.sizes is None and engine.defaults().size is None
+    with pytest.raises(ConfigError, match="fixed"):
+        engine.check(Request("a cat", size=48))
+    _, (prior, text) = engine.generate(Request("a cat", negative_prompt="a dog", steps=2, seed=1))
+    assert prior.error is None and text.error is None and text.name == TEXT_COLUMN
+    size = engine.pipe.image_size
+    assert Image.open(prior.images[0]).size == Image.open(text.images[0]).size == (size, size)
+    assert main(["generate", "--from-sidecar", str(prior.sidecars[0]), "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "again" / prior.images[0].name), _pixels(prior.images[0]))

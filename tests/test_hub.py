@@ -99,7 +99,8 @@ def test_export_push_to_hub_calls_and_uploaded_card(run_dir, tmp_path, recording
     assert "eval-val.json" in card and "| 0.5000 |" in card
     assert 'load_prior("me/shapes-prior")' in card and "--decoder kandinsky22" in card
     assert 'PriorTransformer.from_pretrained("me/shapes-prior")' in card and "KandinskyPriorPipeline" in card
-    assert str(tmp_path) not in card  # no local paths leak into a public card
+    assert str(run_dir.parent) not in card and str(tmp_path) not in card  # no local paths in a public card
+    assert "--data store --out run" in card  # the command, its paths cut to their last part
     assert "pushed" in capsys.readouterr().out
 
 

@@ -71,13 +71,27 @@ def _last_validation(run_dir: Path) -> dict[str, Any] | None:
 def _metric_rows(metrics: dict[str, Any]) -> list[str]:
     from eclipse_prior.evaluation.embedding_metrics import METRIC_DESCRIPTIONS
 
-    return [f"| {METRIC_DESCRIPTIONS.get(k, k)} | {'n/a' if v is None else f'{v:.4f}'} |"
+    def shown(v: float | None) -> str:
+        return "n/a" if v is None else str(int(v)) if float(v).is_integer() else f"{v:.4f}"
+
+    return [f"| {METRIC_DESCRIPTIONS.get(k, k).replace('|', chr(92) + '|')} | {shown(v)} |"
             for k, v in metrics.items() if k not in ("step", "split") and (v is None or isinstance(v, int | float))]
 
 
 def _shown_path(spec: str) -> str:
     """A local path is shown by its last part only: a public card should not leak a home folder."""
     return spec if "://" in spec or _HUB_DATASET.search(spec) else Path(spec).name
+
+
+def _shown_command(command: str) -> str:
+    """The training command with each absolute or home-relative path cut to its last part."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    return shlex.join(Path(w).name if w.startswith(("/", "~")) else w for w in words)
 
 
 def hub_model_card(run_dir: str | Path, export_dir: str | Path, repo_id: str, license: str = "apache-2.0",
@@ -127,7 +141,7 @@ def hub_model_card(run_dir: str | Path, export_dir: str | Path, repo_id: str, li
              *[f"| {k} | {v} |" for k, v in cfg.items() if k not in ("data", "out")],
              f"| parameters | {run.get('parameters', '?')} |",
              f"| global batch | {run.get('global_batch', '?')} (processes: {run.get('world_size', '?')}) |",
-             "", "Command:", "", "```", str(run.get("command", "unknown")), "```", "", "## Metrics", ""]
+             "", "Command:", "", "```", _shown_command(str(run.get("command", "unknown"))), "```", "", "## Metrics", ""]
     val = _last_validation(run_dir)
     if val is not None:
         lines += [f"Last validation during training (step {val['step']}, EMA weights, the store's val split):", "",
