@@ -25,7 +25,7 @@ PROMPTS = ["a red circle", "a blue square on the left of a green triangle", "an 
 @pytest.fixture(scope="module")
 def shapes_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes-store")
-    return make_training_store(root, 96, shipped("clip"), load_holdout(None), seed=1, log=lambda _: None,
+    return make_training_store(root, 48, shipped("clip"), load_holdout(None), seed=1, log=lambda _: None,
                                progress=False)
 
 

@@ -42,10 +42,7 @@ def load_engine(args: argparse.Namespace) -> tuple[object, bool]:
     """The Engine for the parsed flags, and whether it is the shapes world."""
     from eclipse_prior.app.engine import Engine, Limits
 
-    for name, value, low in (("--port", args.port, 0), ("--queue-size", args.queue_size, 1),
-                             ("--max-images", args.max_images, 1), ("--max-steps", args.max_steps, 1)):
-        if value < low:
-            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    _check_numbers(args)
     columns, decoder, clip = default_columns(args.decoder, args.prior)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="eclipse-prior-app-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +60,28 @@ def load_engine(args: argparse.Namespace) -> tuple[object, bool]:
     return engine, shapes_world
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, value, low, high in (("--port", args.port, 1, 65535), ("--queue-size", args.queue_size, 1, None),
+                                   ("--max-images", args.max_images, 1, None), ("--max-steps", args.max_steps, 1, None)):
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{name} must be at least {low}{f' and at most {high}' if high else ''}, got {value}")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error now if the address cannot be bound (in use, or not this machine's)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot serve on {host}:{port} ({err.strerror or err}); choose another --port or "
+                          "--host") from err
+
+
 def launch(args: argparse.Namespace) -> None:
     """Load the models, build the page and serve it until interrupted."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no version check, no analytics
     t0 = time.perf_counter()
     try:
         import gradio  # noqa: F401
@@ -74,10 +90,18 @@ def launch(args: argparse.Namespace) -> None:
                           f"({err.name or 'gradio'} is missing)") from err
     from eclipse_prior.app.page import build_page, theme
 
+    _check_numbers(args)
+    _check_port(args.host, args.port)  # before minutes of loading real models
     engine, shapes_world = load_engine(args)
     demo = build_page(engine, shapes_world)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     print(f"models loaded in {time.perf_counter() - t0:.1f}s; columns: "
           f"{', '.join(c.name for c in engine.columns)}", file=sys.stderr, flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
-                allowed_paths=[str(engine.out_dir)], theme=theme(), show_error=False, ssr_mode=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
+                    allowed_paths=[str(engine.out_dir)], theme=theme(), show_error=False, ssr_mode=False)
+    except OSError as err:  # gradio: "Cannot find empty port ..." (no errno), or the address cannot be bound
+        if err.errno is not None and err.filename is not None:
+            raise
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({str(err).splitlines()[0][:120]}); "
+                          "choose another --port or --host") from err

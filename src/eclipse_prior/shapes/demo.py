@@ -5,7 +5,7 @@ Steps (each one the project's real code path):
 1. render a small shapes-world training set with the held-out compositions withheld, as an image folder;
 2. embed it with the shipped shapes CLIP through ``eclipse_prior.data.embed`` (what ``eclipse-prior embed`` runs);
 3. train an ECLIPSE prior (lam 0.2), a Projection prior (lam 0) and a Diffusion-Baseline briefly with ``train``,
-   which decodes the demo prompts with the shipped decoder a few times during training (``--val-decoder``), so
+   which decodes the held-out demo prompts with the shipped decoder three times during training (``--val-decoder``), so
    TensorBoard (``tensorboard --logdir OUT/runs``) and ``runs/*/val_images/`` show the held-out compositions form;
 4. score them with the shapes benchmark's composition-level embedding metrics (and the judge, if shipped);
 5. decode a fixed set of prompts, several with held-out compositions, through ``EclipseKandinskyV22Pipeline``
@@ -157,13 +157,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         decoder_steps=cfg.decoder_steps, ablations=False, clip=cfg.clip, decoder=cfg.decoder, judge=cfg.judge,
     )
     decoder_dir = Path(cfg.decoder) if cfg.decoder else shipped("decoder")
-    if decoder_dir.is_dir():  # pictures during training, three rounds per prior (the last step included)
+    holdout = load_holdout(None)
+    if decoder_dir.is_dir():  # pictures during training: the held-out prompts, three rounds per prior
+        held_out = [p for p in cfg.prompts if composition_held_out(parse_caption(p), holdout)] or list(cfg.prompts)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "val_prompts.txt").write_text("".join(p + "\n" for p in cfg.prompts))
+        (out / "val_prompts.txt").write_text("".join(p + "\n" for p in held_out))
         bcfg.val_prompts, bcfg.val_images_every = str(out / "val_prompts.txt"), max(1, cfg.steps // 3)
     bench = Benchmark(bcfg, log, progress)
     results = bench.run()
-    holdout = load_holdout(None)
     prompts = list(cfg.prompts)
     comps = [parse_caption(p) for p in prompts]
     held = [composition_held_out(c, holdout) for c in comps]
@@ -204,8 +205,9 @@ def demo_report(results: dict[str, Any], prompts: list[str], held: list[bool], h
         "# eclipse-prior demo (shapes world)", "",
         f"Trained on {cfg.train_size} shapes-world pairs without the held-out compositions "
         f"({cfg.steps} steps, preset `{cfg.preset}`, one seed; tau {results['tau']}); wall time {seconds:.0f} s.", "",
-        "Pictures during training: `runs/*/val_images/step-*.png` (one column per prompt below, in order) and "
-        "TensorBoard's Images tab (`tensorboard --logdir runs`); loss curves in `runs/*/curves.png`." if has_grid
+        "Pictures during training: `runs/*/val_images/step-*.png` (one column per held-out prompt, listed in "
+        "`val_prompts.txt`) and TensorBoard's Images tab (`tensorboard --logdir runs`); loss curves in "
+        "`runs/*/curves.png`." if has_grid
         else "", "",
         "## grid.png" if has_grid else "## grid.png (not written: no shipped decoder yet)", "",
         "Rows are prompts (held-out compositions marked in red); columns:", "",
