@@ -52,11 +52,13 @@ def test_quick_demo_writes_report_and_grid(tmp_path):
         assert width == 330 + len(COLUMNS) * 98
         pixels = np.asarray(grid.convert("RGB"))[16:, 330:]
         assert pixels.std() > 5  # decoded images, not blank cells
-        # pictures during training: each prior decoded the demo prompts at steps 6, 12, 18 and 20
-        rounds = sorted(p.name for p in (out / "runs").glob("*/val_images/step-*.png"))
-        assert rounds == sorted(f"step-{s:07d}.png" for s in (6, 12, 18, 20) for _ in range(3))
-        logged = {p.relative_to(out / "runs").parts[0] for p in (out / "runs").glob("*/logs/**/events.out.tfevents.*")}
-        assert len(logged) == 3  # each prior's run logged to TensorBoard
+        # pictures during ECLIPSE's training: its held-out prompts decoded at steps 6, 12, 18 and 20
+        rounds = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/val_images/step-*.png"))
+        assert [r.split("/")[0] for r in rounds] == ["eclipse-lam0.2-tiny-n200-s0"] * 4
+        assert [r.split("/")[-1] for r in rounds] == [f"step-{s:07d}.png" for s in (6, 12, 18, 20)]
+        assert (out / "val_prompts.txt").read_text().splitlines() == list(PROMPTS[1:4])  # all three held out
+        logged = list((out / "runs" / "eclipse-lam0.2-tiny-n200-s0" / "logs").rglob("events.out.tfevents.*"))
+        assert logged
         assert len(list((out / "runs").glob("*/curves.png"))) == 3
     else:
         assert "not written" in report

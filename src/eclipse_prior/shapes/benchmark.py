@@ -151,7 +151,7 @@ class BenchmarkConfig:
     judge_part: bool = True
     threads: int | None = None
     quick: bool = False
-    val_prompts: str | None = None  # prompts file decoded during training (TensorBoard + RUN/val_images); demo
+    val_prompts: str | None = None  # prompts decoded while ECLIPSE priors train (TensorBoard, RUN/val_images); demo
     val_images_every: int = 0
 
     @classmethod
@@ -262,7 +262,7 @@ def train_spec(
         report_to="none", num_workers=0, verify_store=False, ema_decay=0.99,
         resume=(run_dir / "config.yaml").is_file(), progress=progress,
     )
-    if cfg.val_prompts:  # pictures during training: the held-out compositions forming, in TensorBoard
+    if cfg.val_prompts and spec.objective == "eclipse":  # pictures of the held-out compositions forming
         tcfg.val_decoder = str(Path(cfg.decoder) if cfg.decoder else shipped("decoder"))
         tcfg.val_prompts, tcfg.val_images_every, tcfg.report_to = cfg.val_prompts, cfg.val_images_every, "tensorboard"
         tcfg.val_image_steps, tcfg.val_image_guidance = cfg.decoder_steps, cfg.decoder_guidance

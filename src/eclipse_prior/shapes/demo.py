@@ -4,9 +4,10 @@ Steps (each one the project's real code path):
 
 1. render a small shapes-world training set with the held-out compositions withheld, as an image folder;
 2. embed it with the shipped shapes CLIP through ``eclipse_prior.data.embed`` (what ``eclipse-prior embed`` runs);
-3. train an ECLIPSE prior (lam 0.2), a Projection prior (lam 0) and a Diffusion-Baseline briefly with ``train``,
-   which decodes the held-out demo prompts with the shipped decoder three times during training (``--val-decoder``), so
-   TensorBoard (``tensorboard --logdir OUT/runs``) and ``runs/*/val_images/`` show the held-out compositions form;
+3. train an ECLIPSE prior (lam 0.2), a Projection prior (lam 0) and a Diffusion-Baseline briefly with ``train``;
+   ECLIPSE's training decodes the held-out demo prompts with the shipped decoder three times (``--val-decoder``),
+   so TensorBoard (``tensorboard --logdir OUT/runs``) and ``runs/eclipse-*/val_images/`` show them form (the other
+   two priors would cost as much again each, and the final grid compares all three);
 4. score them with the shapes benchmark's composition-level embedding metrics (and the judge, if shipped);
 5. decode a fixed set of prompts, several with held-out compositions, through ``EclipseKandinskyV22Pipeline``
    with the shipped decoder, and write ``grid.png`` (rows prompts; columns ECLIPSE, Projection,
@@ -158,7 +159,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     )
     decoder_dir = Path(cfg.decoder) if cfg.decoder else shipped("decoder")
     holdout = load_holdout(None)
-    if decoder_dir.is_dir():  # pictures during training: the held-out prompts, three rounds per prior
+    if decoder_dir.is_dir():  # pictures during ECLIPSE's training: the held-out prompts, three rounds
         held_out = [p for p in cfg.prompts if composition_held_out(parse_caption(p), holdout)] or list(cfg.prompts)
         out.mkdir(parents=True, exist_ok=True)
         (out / "val_prompts.txt").write_text("".join(p + "\n" for p in held_out))
@@ -205,9 +206,9 @@ def demo_report(results: dict[str, Any], prompts: list[str], held: list[bool], h
         "# eclipse-prior demo (shapes world)", "",
         f"Trained on {cfg.train_size} shapes-world pairs without the held-out compositions "
         f"({cfg.steps} steps, preset `{cfg.preset}`, one seed; tau {results['tau']}); wall time {seconds:.0f} s.", "",
-        "Pictures during training: `runs/*/val_images/step-*.png` (one column per held-out prompt, listed in "
-        "`val_prompts.txt`) and TensorBoard's Images tab (`tensorboard --logdir runs`); loss curves in "
-        "`runs/*/curves.png`." if has_grid
+        "Pictures during ECLIPSE's training: `runs/eclipse-*/val_images/step-*.png` (one column per held-out "
+        "prompt, listed in `val_prompts.txt`) and TensorBoard's Images tab (`tensorboard --logdir runs`); loss "
+        "curves of every prior in `runs/*/curves.png`." if has_grid
         else "", "",
         "## grid.png" if has_grid else "## grid.png (not written: no shipped decoder yet)", "",
         "Rows are prompts (held-out compositions marked in red); columns:", "",
