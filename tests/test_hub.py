@@ -28,7 +28,8 @@ def run_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     n, width = 60, 16
     text = rng.normal(size=(n, width)).astype(np.float32)
-    arrays = {"image_embeds": text @ rng.normal(size=(width, width)).astype(np.float32), "text_embeds": text}
+    arrays = {"image_embeds": text @ rng.normal(size=(width, width)).astype(np.float32), "text_embeds": text,
+              "text_states": rng.normal(size=(n, 8, width)).astype(np.float32), "text_mask": np.ones((n, 8), bool)}
     meta = [{"id": f"r{i}", "caption": f"caption {i}", "source": "synthetic"} for i in range(n)]
     source = {"kind": "webdataset", "spec": "hf://datasets/someone/pairs/train-{0000..0003}.tar"}
     write_store(root / "store", arrays, meta, shard_size=30, clip_id=KANDINSKY_CLIP, clip_revision="abc123",
@@ -71,14 +72,17 @@ def recording_hub(monkeypatch):
 
 def test_export_push_to_hub_calls_and_uploaded_card(run_dir, tmp_path, recording_hub, capsys):
     out = tmp_path / "export"
+    out.mkdir()
+    (out / "LICENSE").write_text("the user's own file")  # an export folder may hold other files: never uploaded
     argv = ["export", str(run_dir), "--out", str(out), "--push-to-hub", "me/shapes-prior", "--private"]
     assert main(argv) == 0
+    local_card = (out / "README.md").read_text()
     assert [name for name, _ in recording_hub.calls] == ["create_repo", "upload_folder"]
     assert recording_hub.calls[0][1] == {"repo_id": "me/shapes-prior", "repo_type": "model", "private": True,
                                          "exist_ok": True}
     upload = recording_hub.calls[1][1]
-    assert upload["folder_path"] == str(out) and upload["repo_id"] == "me/shapes-prior"
-    assert upload["repo_type"] == "model"
+    assert upload["repo_id"] == "me/shapes-prior" and upload["repo_type"] == "model"
+    assert not Path(upload["folder_path"]).exists()  # a staging copy, removed after the upload
     files = recording_hub.uploaded
     assert set(files) == {"config.json", "diffusion_pytorch_model.safetensors", "README.md"}
     # the uploaded weights are the run's EMA prior
@@ -102,6 +106,9 @@ def test_export_push_to_hub_calls_and_uploaded_card(run_dir, tmp_path, recording
     assert str(run_dir.parent) not in card and str(tmp_path) not in card  # no local paths in a public card
     assert "--data store --out run" in card  # the command, its paths cut to their last part
     assert "pushed" in capsys.readouterr().out
+    # the export folder is unchanged by the push: its own card, and a plain re-export (no --overwrite) still works
+    assert (out / "README.md").read_text() == local_card != card
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
 
 
 def test_push_failures_are_one_line_errors(run_dir, tmp_path, recording_hub, monkeypatch, capsys):
@@ -133,3 +140,6 @@ def test_card_for_a_diffusion_prior_on_a_local_clip_names_no_hub_base_model(tmp_
     meta = hub.card_metadata(card)
     assert meta["license"] == "mit" and "base_model" not in meta and "datasets" not in meta
     assert "x0 prediction" in card and "do not run it" in card and "No metrics recorded" in card
+    (export / "config.json").write_text(json.dumps({"_class_name": "EclipsePrior"}))  # a pooled-only ECLIPSE prior
+    card = hub.hub_model_card(run, export, "me/p")
+    assert "pooled text embedding only" in card and "PriorTransformer.from_pretrained" not in card

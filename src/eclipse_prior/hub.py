@@ -1,10 +1,11 @@
 """Publishing an exported prior on the Hugging Face hub: a complete model card, then create_repo + upload_folder.
 
-``eclipse-prior export RUN --out DIR --push-to-hub REPO_ID`` writes the export as usual, replaces its README.md
-with :func:`hub_model_card` (the hub reads license, base models, datasets and the pipeline tag from the YAML
-header; the body says what data, objective and command made the prior, its metrics and how to load it), then
-uploads the folder. Network failures (offline, no token, no permission) are one line naming the fix; the export
-folder stays on disk either way.
+``eclipse-prior export RUN --out DIR --push-to-hub REPO_ID`` writes the export as usual, then uploads the export's
+weights and config with :func:`hub_model_card` as README.md (the hub reads license, base models, datasets and the
+pipeline tag from the YAML header; the body says what data, objective and command made the prior, its metrics and
+how to load it). The upload is staged in a temporary folder: DIR may hold the user's other files (a clone with
+.git, the export's own record) and is neither uploaded whole nor changed. Network failures (offline, no token, no
+permission) are one line naming the fix; the export folder stays on disk either way.
 """
 
 from __future__ import annotations
@@ -178,9 +179,13 @@ def hub_model_card(run_dir: str | Path, export_dir: str | Path, repo_id: str, li
         lines += ["The weights are in the released ECLIPSE layout (`PriorTransformer` without the time embedding), "
                   "so the authors' `PriorTransformer.from_pretrained` loads them too; their pipelines are written "
                   "for Kandinsky v2.2 and Karlo, not for this CLIP.", ""]
+    elif prior_class == "EclipsePrior":
+        lines += ["This ECLIPSE prior reads the pooled text embedding only (`--pooled-only`), so it is saved as "
+                  "`EclipsePrior`, not in the released format: the authors' pipelines always pass per-token text "
+                  "states, which it has no input for. Run it with eclipse-prior.", ""]
     else:
-        lines += [f"A {prior_class} is this library's format: the authors' pipelines (one-pass ECLIPSE priors) do "
-                  "not run it.", ""]
+        lines += [f"A {prior_class} is this library's format (a diffusion prior, sampled with 25 steps and "
+                  "guidance 4): the authors' pipelines (one-pass ECLIPSE priors) do not run it.", ""]
     return "\n".join(lines)
 
 
@@ -196,14 +201,18 @@ def _one_line(err: Exception) -> str:
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False,
-                commit_message: str = "Upload prior with eclipse-prior") -> str:
-    """Create the model repo (kept if it exists) and upload the folder; returns the repo URL."""
+                commit_message: str = "Upload prior with eclipse-prior", shown: str | Path | None = None) -> str:
+    """Create the model repo (kept if it exists) and upload the folder; returns the repo URL.
+
+    ``shown`` is the folder named in error messages (the export, when ``folder`` is a staging copy of it).
+    """
+    shown = folder if shown is None else shown
     from eclipse_prior.encoders._hf import looks_like_hub_id, offline_default
 
     if not looks_like_hub_id(repo_id):
         raise HubError(f"--push-to-hub {repo_id!r} is not a hub repo id (owner/name)")
     if offline_default():
-        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; the export is in {folder}, push it later "
+        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; the export is in {shown}, push it later "
                        "with `hf upload` or unset HF_HUB_OFFLINE")
     api = _client()
     try:
@@ -213,8 +222,8 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
     except Exception as err:  # huggingface_hub/httpx raise many types: offline, 401, 403, 404, timeouts
         hint = "log in with `hf auth login` or set HF_TOKEN" if "401" in str(err) or "token" in str(err).lower() \
             else "check the network, your token's write access and the repo id"
-        raise HubError(f"cannot push {folder} to {repo_id} ({_one_line(err)}); {hint}; the export stays in "
-                       f"{folder}") from err
+        raise HubError(f"cannot push {shown} to {repo_id} ({_one_line(err)}); {hint}; the export stays in "
+                       f"{shown}") from err
     return str(url)
 
 
@@ -228,14 +237,34 @@ def add_push_arguments(parser: Any) -> None:
                         help="hub dataset id for the card's metadata (repeatable; hf:// sources are found itself)")
 
 
+def stage_upload(run_dir: str | Path, export_dir: str | Path, repo_id: str, folder: str | Path,
+                 license: str = "apache-2.0", datasets: list[str] | None = None) -> Path:
+    """``folder`` <- the export's weights and config (hard links where possible) + the hub model card."""
+    import os
+    import shutil
+
+    from eclipse_prior.export import EXPORT_FILES
+
+    folder = Path(folder)
+    for name in EXPORT_FILES:
+        if name == "README.md":
+            continue
+        try:
+            os.link(Path(export_dir) / name, folder / name)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copy2(Path(export_dir) / name, folder / name)
+    (folder / "README.md").write_text(hub_model_card(run_dir, export_dir, repo_id, license, datasets))
+    return folder
+
+
 def publish(run_dir: str | Path, export_dir: str | Path, repo_id: str, private: bool = False,
             license: str = "apache-2.0", datasets: list[str] | None = None) -> str:
-    """Write the hub model card into the export folder, then push it; returns the repo URL."""
-    from eclipse_prior.outputs import write_text_atomic
+    """Push an export (weights, config, the hub model card) to REPO_ID; returns the repo URL."""
+    import tempfile
 
-    card = hub_model_card(run_dir, export_dir, repo_id, license, datasets)
-    write_text_atomic(Path(export_dir) / "README.md", card)
-    return push_folder(export_dir, repo_id, private)
+    with tempfile.TemporaryDirectory(prefix="eclipse-prior-push-") as tmp:
+        stage_upload(run_dir, export_dir, repo_id, tmp, license, datasets)
+        return push_folder(tmp, repo_id, private, shown=export_dir)
 
 
 def card_metadata(card: str) -> dict[str, Any]:
@@ -244,5 +273,5 @@ def card_metadata(card: str) -> dict[str, Any]:
     return yaml.safe_load(match.group(1)) if match else {}
 
 
-__all__ = ["HubError", "add_push_arguments", "card_metadata", "hub_model_card", "publish", "push_folder",
-           "evaluate_reports"]
+__all__ = ["HubError", "add_push_arguments", "card_metadata", "evaluate_reports", "hub_model_card", "publish",
+           "push_folder", "stage_upload"]
