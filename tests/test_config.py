@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,3 +71,20 @@ def test_bad_yaml_values_are_one_line_errors(tmp_path, yaml_text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         build_config(Demo, None, tmp_path / "absent.yaml")
+
+
+def test_read_json_object_reads_bom_and_words_every_damage_in_one_line(tmp_path):
+    """Every model/output JSON file is read through one helper: BOM accepted, each damage a ConfigError naming it."""
+    from eclipse_prior.config import read_json_object
+
+    good = tmp_path / "good.json"
+    good.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": 1}).encode())
+    assert read_json_object(good, "fix it") == {"a": 1}
+    damaged = {"latin1.json": b'{"a": "\xe9"}', "broken.json": b"{ nope", "list.json": b"[1, 2]"}
+    words = {"latin1.json": "not UTF-8", "broken.json": "not valid JSON", "list.json": "must hold a JSON object"}
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError) as err:
+            read_json_object(tmp_path / name, "fix it")
+        message = str(err.value)
+        assert name in message and words[name] in message and message.endswith("fix it") and "\n" not in message

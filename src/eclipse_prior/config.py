@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -86,6 +87,21 @@ def load_yaml_mapping(yaml_path: str | Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
     return loaded
+
+
+def read_json_object(path: str | Path, remedy: str) -> dict[str, Any]:
+    """The JSON object a model or output file holds, or a one-line ConfigError naming the file and `remedy`
+    (damaged, not UTF-8, not JSON, or JSON that is not an object): every such file is read through here."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file} is not UTF-8 text (byte {err.start}); {remedy}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not {type(data).__name__}; {remedy}")
+    return data
 
 
 def check_fields(cls: type, values: Any, source: str) -> dict[str, Any]:

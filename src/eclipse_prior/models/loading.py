@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from eclipse_prior.config import _check_value
+from eclipse_prior.config import _check_value, read_json_object
 from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_default, quiet_transformers
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.models.diffusion import DiffusionPrior
@@ -42,19 +41,6 @@ def prior_class_for_config(config: dict[str, Any], source: str) -> type[EclipseP
             )
         return EclipsePrior
     raise ConfigError(f"{source}: config class {name!r} is not a prior (expected EclipsePrior, DiffusionPrior or PriorTransformer)")
-
-
-def read_prior_config(file: Path) -> dict[str, Any]:
-    """A prior's config.json as a mapping, or a one-line error naming the file (damaged, not JSON, not a mapping)."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file} is not a UTF-8 text file; restore the prior's config.json") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}); restore or re-export it") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{file} must hold a JSON object of config fields, not {type(config).__name__}")
-    return config
 
 
 def check_prior_config(cls: type, config: dict[str, Any], source: str) -> None:
@@ -130,7 +116,7 @@ def load_prior(
         kwargs["torch_dtype"] = torch_dtype
     if path.is_dir():
         folder = _local_folder(path)
-        config = read_prior_config(folder / "config.json")
+        config = read_json_object(folder / "config.json", "restore the prior's config.json or export it again")
         target: str | Path = folder
     elif path.exists() or not looks_like_hub_id(source):
         raise ModelNotFoundError(

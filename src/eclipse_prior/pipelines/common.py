@@ -8,7 +8,6 @@ original diffusers `PriorTransformer` of Kandinsky v2.2 / Karlo (sampled with it
 from __future__ import annotations
 
 import gc
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from eclipse_prior.config import read_json_object
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 
 
@@ -269,12 +269,7 @@ def load_saved_components(
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ConfigError(f"{folder} has no model_index.json: not a folder written by save_pretrained")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{index_file} is not valid JSON ({err}); restore it or save the pipeline again") from None
-    if not isinstance(index, dict):
-        raise ConfigError(f"{index_file} must hold a JSON object of component: [library, class]")
+    index = read_json_object(index_file, "restore it or save the pipeline again")
     components: dict[str, Any] = {}
     for name in expected:
         if name in kwargs:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from eclipse_prior.config import read_json_object
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.pipelines.common import check_offload, load_weights
 
@@ -170,20 +171,12 @@ def resolve_model(
     return ResolvedModel(spec, folder, Path(folder).name)
 
 
-def _read_json_object(file: Path) -> dict[str, Any]:
-    """A JSON object from a model folder, or a one-line error naming the file."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{file} is not valid JSON ({err}); restore the file or download the model again") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a JSON object, not {type(data).__name__}")
-    return data
+_MODEL_REMEDY = "restore the file or download the model again"
 
 
 def _index(folder: Path) -> dict[str, Any]:
     file = folder / "model_index.json"
-    return _read_json_object(file) if file.is_file() else {}
+    return read_json_object(file, _MODEL_REMEDY) if file.is_file() else {}
 
 
 def decoder_kind(folder: Path) -> str:
@@ -202,7 +195,7 @@ def _load_scheduler(folder: Path) -> Any:
     """A scheduler by the diffusers class its config names (diffusers classes only)."""
     import diffusers
 
-    config = _read_json_object(folder / "scheduler_config.json")
+    config = read_json_object(folder / "scheduler_config.json", _MODEL_REMEDY)
     name = config.get("_class_name")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
@@ -743,11 +736,8 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"sidecar not found: {file}")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file} is not JSON ({err.msg})") from err
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+    data = read_json_object(file, "regenerate from the image's prompt instead")
+    if data.get("format") != SIDECAR_FORMAT:
         raise ConfigError(f"{file} is not an eclipse-prior image sidecar (format {SIDECAR_FORMAT})")
     check_sidecar(data, file)
     return data
