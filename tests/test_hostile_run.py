@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from eclipse_prior.models import EclipsePrior, load_prior
 from eclipse_prior.outputs import LOCK_NAME
 from eclipse_prior.training import train
 from eclipse_prior.training.checkpoint import list_checkpoints
-from test_training import make_store, tiny_cfg
+from test_training import kill_train_after_checkpoint, make_store, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -310,16 +309,7 @@ def test_kill_9_then_damaged_newest_checkpoint_resumes_to_the_uninterrupted_weig
     run that was never interrupted ends."""
     killed = tmp_path / "killed"
     args = ["--steps", "30", "--checkpoint-every", "10", "--keep-checkpoints", "3"]
-    proc = subprocess.Popen([sys.executable, "-m", "eclipse_prior", *_flags(store, killed)[:-2], *args],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    marker = killed / "checkpoints" / "step-00000020" / "state.json"
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    kill_train_after_checkpoint([*_flags(store, killed)[1:-2], *args], killed / "checkpoints" / "step-00000020")
     newest = list_checkpoints(killed / "checkpoints")[-1]
     assert newest.name == "step-00000020"  # killed within milliseconds of its checkpoint, 10 steps before the end
     _truncate(newest / "model.safetensors")

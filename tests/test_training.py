@@ -143,6 +143,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def kill_train_after_checkpoint(train_flags: list[str], checkpoint: Path) -> None:
+    """Run `eclipse-prior train` in a real subprocess and SIGKILL it as soon as `checkpoint` is complete."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "eclipse_prior", "train", *train_flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = checkpoint / "state.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+
+
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(store, tmp_path):
     """A real subprocess killed with SIGKILL right after a checkpoint, resumed, ends where an uninterrupted run does."""
     killed = tmp_path / "killed"
@@ -153,16 +167,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(store, tmp_pa
         "--keep-checkpoints", "2", "--grad-accum", "2", "--num-workers", "2", "--report-to", "none",
         "--ema-decay", "0.9",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "eclipse_prior", "train", *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = killed / "checkpoints" / "step-00000010" / "state.json"
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    kill_train_after_checkpoint(flags, killed / "checkpoints" / "step-00000010")
     done = list_checkpoints(killed / "checkpoints")
     assert done and int(done[-1].name.split("-")[1]) < 40  # really interrupted
 
