@@ -12,6 +12,7 @@ import torch
 from eclipse_prior.errors import ConfigError
 from eclipse_prior.shapes import DEFAULT_HOLDOUT, composition, parse_caption
 from eclipse_prior.shapes.benchmark import (
+    ALL_ROWS,
     MAIN_ROWS,
     OBJECTIVE_LABELS,
     ROW_ORACLE,
@@ -205,14 +206,19 @@ def test_build_prior_writes_a_loadable_fp16_eclipse_prior(tmp_path):
 
 
 @needs_clip
-def test_quick_benchmark_real_run(tmp_path):
+def test_quick_benchmark_real_run(tmp_path, capsys):
     from eclipse_prior.cli import main
 
     out = tmp_path / "bench"
     assert main(["shapes", "benchmark", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert "it/s" not in capsys.readouterr().err  # --no-progress reaches the trainer's bars too
     results = json.loads((out / "results.json").read_text())
     assert results["tau"] == pytest.approx(clip_tau(shipped("clip")))
-    assert set(results["main"]) == set(MAIN_ROWS)
+    assert set(results["main"]) == set(ALL_ROWS) and set(MAIN_ROWS) < set(ALL_ROWS)
+    # the main comparison reads per-token text states by default
+    assert not results["config"]["pooled_only"]
+    run_cfg = (out / "runs" / "eclipse-lam0.2-tiny-n300-s0-st40" / "config.yaml").read_text()
+    assert "pooled_only: false" in run_cfg
     for metrics in results["main"].values():
         assert {"top1", "cos_true", "cos_centred"} <= set(metrics)
         for cells in metrics.values():
@@ -246,20 +252,27 @@ def test_quick_benchmark_real_run(tmp_path):
     manifest = json.loads((out / "data" / "store-n300" / "manifest.json").read_text())
     assert manifest["num_rows"] == 300
     runs = [d for d in (out / "runs").iterdir() if d.is_dir()]
-    assert len(runs) == 6  # 3 objectives x 2 seeds
+    assert len(runs) == 14  # 7 objectives x 2 seeds
     for spec_dir in runs:
         assert json.loads((spec_dir / "run.json").read_text())["status"] == "finished"
     md = (out / "results.md").read_text()
-    for row in MAIN_ROWS:
+    for row in ALL_ROWS:
         assert row in md
     from PIL import Image
 
     for png in ("main_top1.png", "main_cos_true.png"):
         assert Image.open(out / png).size[0] > 100
     if "judge" in results:
-        for row in MAIN_ROWS:
+        assert "## Goal" in md
+        for row in ALL_ROWS:
             for stat in results["main"][row]["judge"].values():
                 assert 0.0 <= stat["mean"] <= 1.0
+    # the size-binding probe reads the folder's own priors and writes its table
+    assert main(["shapes", "size-probe", "--out", str(out), "--seeds", "2", "--train", "300"]) == 0
+    probe = json.loads((out / "size_probe.json").read_text())
+    assert {"Fresh true render", "ECLIPSE", "Ridge (linear map)"} <= set(probe["rows"])
+    for cells in probe["rows"].values():
+        assert all(0.0 <= c["accuracy"] <= 1.0 for c in cells.values())
     # a rerun reuses every cached prior, evaluation and decode and reproduces the numbers
     again = run_benchmark(BenchmarkConfig.quick_config(str(out), threads=1), log=lambda s: None, progress=False)
     assert again["main"] == results["main"]

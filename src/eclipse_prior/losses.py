@@ -6,7 +6,15 @@ over elements instead, which divides the projection term by the width E and so m
 lambda by E (lambda 0.2 under "mean" equals lambda 0.2 * E under "sum"; at E = 64 that made the contrastive
 term ~100x the projection term). To reproduce a "mean" setting with the default, use lam_sum = lam_mean / E.
 
-Temperature. The paper does not publish tau. Default `DEFAULT_TAU = 0.01`, the temperature OpenAI and LAION
+Temperature. The paper does not publish tau. Default `DEFAULT_TAU = 0.01
+#: Every training objective and the contrastive term it adds to the projection loss (None: none). "text": the
+#: paper's InfoNCE against the batch's texts; "image": symmetric InfoNCE against the batch's true image
+#: embeddings; "hard": against the true images of each row's nearest other captions only. ridge is a closed-form
+#: linear map (no gradient training); residual is a linear map plus a transformer correction, trained like eclipse.
+OBJECTIVES: dict[str, str | None] = {
+    "eclipse": "text", "projection": None, "diffusion": None, "ridge": None, "residual": "text",
+    "image-contrastive": "image", "hard-negatives": "hard",
+}`, the temperature OpenAI and LAION
 CLIPs end training at (logit scale 100). The contrastive term is CLIP's own image->text loss with the
 predicted image in place of the real one: at CLIP's temperature the true image embedding (the projection
 target) already scores low, so the two terms pull the same way. At a higher tau such as 0.07 the matching
@@ -16,6 +24,14 @@ text embedding, i.e. across CLIP's modality gap, which the decoders do not expec
 because the projection term is summed over the width (O(||z_x||^2), not O(||z_x||^2 / E)) while the
 contrastive term is O(1) and its gradient vanishes once the match wins the softmax. If the CLIP that made
 the store has another learned temperature (a small one trained here), pass tau = 1 / exp(logit_scale).
+
+Beyond the paper (`OBJECTIVES`): the same projection term plus a contrastive term against the batch's TRUE IMAGE
+embeddings (`image_contrastive_loss`, symmetric), or against only each caption's nearest other captions
+(`hard_negative_loss`). The paper's term contrasts predictions with texts, across CLIP's modality gap: once the
+projection term has pulled a prediction to its image cone it already wins that softmax, so the term goes quiet.
+Against images, the negatives are the targets of other captions, and the nearest captions in text space
+(on compositional data: the ones differing in one binding, "orange circle" for "orange square") are where a
+regression to the mean of similar captions costs the most.
 """
 
 from __future__ import annotations
@@ -28,6 +44,14 @@ import torch.nn.functional as F
 from eclipse_prior.errors import ConfigError
 
 DEFAULT_TAU = 0.01
+#: Every training objective and the contrastive term it adds to the projection loss (None: none). "text": the
+#: paper's InfoNCE against the batch's texts; "image": symmetric InfoNCE against the batch's true image
+#: embeddings; "hard": against the true images of each row's nearest other captions only. ridge is a closed-form
+#: linear map (no gradient training); residual is a linear map plus a transformer correction, trained like eclipse.
+OBJECTIVES: dict[str, str | None] = {
+    "eclipse": "text", "projection": None, "diffusion": None, "ridge": None, "residual": "text",
+    "image-contrastive": "image", "hard-negatives": "hard",
+}
 DEFAULT_LAMBDA = 0.2
 _REDUCTIONS = ("sum", "mean")
 
@@ -104,3 +128,77 @@ def eclipse_loss(
 ) -> torch.Tensor:
     """The ECLIPSE objective: projection + lam * contrastive (lam = 0 is the Projection baseline)."""
     return eclipse_loss_terms(pred_image_embeds, image_embeds, text_embeds, lam, tau, caption_ids, reduction)["loss"]
+
+
+def _duplicate_mask(caption_ids: Sequence[int] | torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) True where two different rows carry the same caption (never each other's negatives)."""
+    if caption_ids is None:
+        return torch.zeros(n, n, dtype=torch.bool, device=device)
+    ids = _caption_tensor(caption_ids, n, device)
+    same = ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)
+    return same
+
+
+def image_contrastive_loss(
+    pred_image_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    tau: float = DEFAULT_TAU,
+    caption_ids: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between predictions and the batch's true image embeddings (x-hat <-> x).
+
+    logits[i, j] = cos(pred_i, image_j) / tau; loss = (CE over each row j, label i + CE over each column i,
+    label j) / 2: each prediction must pick its own image among the batch's images, and each image its own
+    prediction among the predictions. Rows with the same caption are not each other's negatives.
+    """
+    if tau <= 0:
+        raise ConfigError(f"tau must be positive, got {tau}")
+    n = pred_image_embeds.shape[0]
+    if image_embeds.shape[0] != n:
+        raise ConfigError(f"batch sizes differ: {n} predicted image embeds, {image_embeds.shape[0]} image embeds")
+    device = pred_image_embeds.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        p = F.normalize(pred_image_embeds.float(), dim=-1)
+        x = F.normalize(image_embeds.float(), dim=-1)
+        logits = (p @ x.T / tau).masked_fill(_duplicate_mask(caption_ids, n, device), float("-inf"))
+        labels = torch.arange(n, device=device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def hard_negative_loss(
+    pred_image_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    k: int,
+    tau: float = DEFAULT_TAU,
+    caption_ids: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE of each prediction against its true image and the true images of its k nearest other captions.
+
+    Nearest by cosine of the text embeddings (other captions only: the same caption is never a negative); with
+    fewer than k other captions in the batch, all of them. On compositional data the nearest captions are the
+    ones that differ in one binding, the negatives the paper's "orange square" case asks for; the definition
+    needs no parser, so it applies to any data.
+    """
+    if k < 1:
+        raise ConfigError(f"hard negatives per row must be >= 1, got {k}")
+    if tau <= 0:
+        raise ConfigError(f"tau must be positive, got {tau}")
+    n = pred_image_embeds.shape[0]
+    if image_embeds.shape[0] != n or text_embeds.shape[0] != n:
+        raise ConfigError("batch sizes of predictions, image embeds and text embeds differ")
+    device = pred_image_embeds.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        t = F.normalize(text_embeds.float(), dim=-1)
+        excluded = _duplicate_mask(caption_ids, n, device) | torch.eye(n, dtype=torch.bool, device=device)
+        text_sim = (t @ t.T).masked_fill(excluded, float("-inf"))
+        kk = min(k, n - 1)
+        allowed = torch.eye(n, dtype=torch.bool, device=device)
+        if kk > 0:
+            top = text_sim.topk(kk, dim=1)
+            allowed.scatter_(1, top.indices, torch.isfinite(top.values))
+        p = F.normalize(pred_image_embeds.float(), dim=-1)
+        x = F.normalize(image_embeds.float(), dim=-1)
+        logits = (p @ x.T / tau).masked_fill(~allowed, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(n, device=device))

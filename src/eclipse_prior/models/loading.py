@@ -16,10 +16,13 @@ from eclipse_prior.encoders._hf import hub_resolves, looks_like_hub_id, offline_
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
 from eclipse_prior.models.diffusion import DiffusionPrior
 from eclipse_prior.models.eclipse import EclipsePrior
+from eclipse_prior.models.linear import LinearPrior, ResidualPrior
 
-_CLASSES: dict[str, type[EclipsePrior] | type[DiffusionPrior]] = {
+_CLASSES: dict[str, type[EclipsePrior] | type[DiffusionPrior] | type[LinearPrior]] = {
     "EclipsePrior": EclipsePrior,
     "DiffusionPrior": DiffusionPrior,
+    "LinearPrior": LinearPrior,
+    "ResidualPrior": ResidualPrior,
 }
 _LOCAL_HINT = "pass a local folder path instead (a training run dir or an exported prior folder)"
 

@@ -7,8 +7,12 @@ Protocol (the paper's, shrunk to a CPU):
   the shipped shapes CLIP through the project's real ``embed`` path. Smaller training sets are nested subsets
   of the same store.
 - Priors: ECLIPSE (lam 0.2), Projection (lam 0) and Diffusion-Baseline (sampled with 25 steps, guidance 4):
-  the same network (preset), the same data, the same optimiser budget, trained with the project's ``train``.
+  the same network (preset), reading the per-token text states as the released network does (``pooled_only``
+  keeps the pooled-only arm), the same data, the same optimiser budget, trained with the project's ``train``.
   tau = 1 / exp(logit_scale) of the CLIP that made the store (the shipped CLIP fixes it at 100: tau = 0.01).
+  Beside them the objectives built to close the held-out gap (``eclipse_prior.losses.OBJECTIVES``): ridge (a
+  closed-form linear map), residual (that map plus the network's correction), image-contrastive and
+  hard-negatives (projection + ``contrast_lam`` x InfoNCE against true image embeddings of the batch).
 - Rows also include "text embedding, no prior" (the raw CLIP text embedding used as the image embedding) and
   "oracle" (a true image embedding: a fresh render of the caption's composition).
 - Embedding metrics per category and seen/held-out split (``shapes.metrics``): expected cosine to the caption's
@@ -16,11 +20,13 @@ Protocol (the paper's, shrunk to a CPU):
 - Judge accuracy: decode the embeddings with the shipped latent decoder through ``EclipseKandinskyV22Pipeline``
   and score the images with the shapes judge against the caption's composition.
 - At least 3 seeds (model init, data order, noise); mean and 95% t-interval over seeds.
-- Ablations: lam in {0, 0.1, 0.2, 0.4, 0.8, 1.0} (every seed) and also 4
-  and 16, because lam weighs InfoNCE against a squared L2 *summed* over the width, whose size follows the
-  CLIP's embedding norm (~17 here), so the paper's range may not reach the regime where the term acts (16 at
-  width 64 equals 0.25 under a per-element mean); diffusion prior steps {2, 10, 25, 50} (every seed, no
-  retraining); a second network size and three training-set sizes (``ablation_seeds``, 3, to fit the time).
+- Ablations (each row judged on decodes too, ``judge_ablations``): lam (every seed), each re-expressed as the
+  ratio of the contrastive to the projection gradient norm at the prediction that ``train`` logs, because lam
+  weighs InfoNCE against a squared L2 *summed* over the width, whose size follows the CLIP's embedding norm;
+  diffusion prior steps {2, 10, 25, 50} (no retraining); training-set sizes (``train_sizes``) and training
+  length in epochs (``epochs``, up to the paper's ~100, at ``epochs_train_size``: by default the smallest set,
+  since a run costs epochs x size steps) for ``ablation_objectives``; optionally a second
+  network size (``second_preset``). ``ablation_seeds`` (3) seeds each.
 
 Everything expensive is cached in the output folder (stores, run folders, evaluations, decodes), so a rerun
 or a resumed run skips finished work. Writes ``results.json``, ``results.md`` and PNG plots.
@@ -64,9 +70,16 @@ EVAL_VERSION = 3
 #: Row labels of the main table, in display order.
 ROW_TEXT = "Text embedding (no prior)"
 ROW_ORACLE = "Oracle (true image embedding)"
-OBJECTIVE_LABELS = {"projection": "Projection (lam 0)", "diffusion": "Diffusion-Baseline", "eclipse": "ECLIPSE"}
+OBJECTIVE_LABELS = {"projection": "Projection (lam 0)", "diffusion": "Diffusion-Baseline", "eclipse": "ECLIPSE",
+                    "ridge": "Ridge (linear map)", "residual": "Residual (linear map + network)",
+                    "image-contrastive": "Image-contrastive", "hard-negatives": "Hard negatives"}
+#: The paper's comparison (the rows every run has) and the objectives added to close the held-out gap.
 MAIN_ROWS = (ROW_TEXT, OBJECTIVE_LABELS["projection"], OBJECTIVE_LABELS["diffusion"], OBJECTIVE_LABELS["eclipse"],
              ROW_ORACLE)
+NEW_OBJECTIVES = ("ridge", "residual", "image-contrastive", "hard-negatives")
+ALL_ROWS = (*MAIN_ROWS[:-1], *(OBJECTIVE_LABELS[o] for o in NEW_OBJECTIVES), ROW_ORACLE)
+#: Training steps the spec names leave implicit (the benchmark's default budget).
+DEFAULT_STEPS = 300
 METRICS = {"top1": "retrieval top-1", "cos_true": "cosine to true image embeddings",
            "cos_centred": "centred cosine to true image embeddings", "judge": "judge accuracy"}
 
@@ -107,12 +120,18 @@ class PriorSpec:
     seed: int
     preset: str
     train_size: int
+    steps: int = DEFAULT_STEPS
+    pooled: bool = False
 
     @property
     def name(self) -> str:
         """Folder name under ``runs/`` (unique per setting)."""
-        lam = f"-lam{self.lam:g}" if self.objective == "eclipse" else ""
-        return f"{self.objective}{lam}-{self.preset}-n{self.train_size}-s{self.seed}"
+        from eclipse_prior.losses import OBJECTIVES
+
+        lam = f"-lam{self.lam:g}" if OBJECTIVES[self.objective] is not None else ""
+        steps = f"-st{self.steps}" if self.steps != DEFAULT_STEPS else ""
+        return f"{self.objective}{lam}-{self.preset}-n{self.train_size}-s{self.seed}{steps}" + (
+            "-pooled" if self.pooled else "")
 
 
 @dataclass
@@ -126,17 +145,23 @@ class BenchmarkConfig:
     decoder: str | None = None
     judge: str | None = None
     train_size: int = 1500
-    train_sizes: tuple[int, ...] = (500, 1500, 4500)
+    train_sizes: tuple[int, ...] = (300, 1500)
+    epochs: tuple[int, ...] = ()
+    epochs_train_size: int | None = None
     data_seed: int = 1
-    steps: int = 300
+    steps: int = DEFAULT_STEPS
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 40
     preset: str = "small"
-    second_preset: str = "tiny"
-    pooled_only: bool = True
+    second_preset: str | None = None
+    pooled_only: bool = False
+    objectives: tuple[str, ...] = ("projection", "diffusion", "eclipse", *NEW_OBJECTIVES)
+    ablation_objectives: tuple[str, ...] = ("projection", "eclipse", "ridge", "residual")
     lam: float = 0.2
-    lams: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 4.0, 16.0)
+    contrast_lam: float = 1.0
+    hard_negatives: int = 4
+    lams: tuple[float, ...] = (0.0, 0.2, 1.0, 4.0)
     diffusion_steps: tuple[int, ...] = (2, 10, 25, 50)
     prior_steps: int = 25
     prior_guidance: float = 4.0
@@ -149,6 +174,7 @@ class BenchmarkConfig:
     ablations: bool = True
     ablation_seeds: int = 3
     judge_part: bool = True
+    judge_ablations: bool = True
     threads: int | None = None
     quick: bool = False
     val_prompts: str | None = None  # prompts decoded while ECLIPSE priors train (TensorBoard, RUN/val_images); demo
@@ -158,7 +184,7 @@ class BenchmarkConfig:
     def quick_config(cls, out: str, **overrides: Any) -> BenchmarkConfig:
         """The smoke run: tiny data, two seeds, few steps, no ablations, a handful of decodes."""
         base = dict(
-            out=out, seeds=2, train_size=300, train_sizes=(300,), steps=40, warmup=5, preset="tiny",
+            out=out, seeds=2, train_size=300, train_sizes=(300,), steps=40, warmup=5, preset="tiny", lams=(0.0, 0.2),
             compositions_per_cell=6, paraphrases=1, bank_renders=6, decode_per_cell=1, decoder_steps=4,
             prior_steps=10, ablations=False, quick=True,
         )
@@ -173,8 +199,21 @@ class BenchmarkConfig:
             raise ConfigError("--decoder-steps and --decode-per-cell must be >= 1")
         if self.decoder_guidance < 1:
             raise ConfigError(f"--decoder-guidance must be >= 1 (1 = no guidance), got {self.decoder_guidance:g}")
+        from eclipse_prior.losses import OBJECTIVES
+
+        unknown = [o for o in (*self.objectives, *self.ablation_objectives) if o not in OBJECTIVES]
+        if unknown:
+            raise ConfigError(f"unknown objective(s) {', '.join(unknown)}; choose from {', '.join(OBJECTIVES)}")
+        if not {"projection", "diffusion", "eclipse"} <= set(self.objectives):
+            raise ConfigError("the main comparison needs the paper's objectives: projection, diffusion, eclipse")
+        if any(e < 1 for e in self.epochs) or any(n < 1 for n in self.train_sizes) or self.hard_negatives < 1:
+            raise ConfigError("--epochs, --train-sizes and --hard-negatives must be >= 1")
+        if any(lam < 0 for lam in self.lams) or self.contrast_lam < 0:
+            raise ConfigError("--lams and --contrast-lam must be >= 0")
         if self.train_size not in self.train_sizes:
             self.train_sizes = tuple(sorted({*self.train_sizes, self.train_size}))
+        if self.epochs_train_size is not None and self.epochs_train_size not in self.train_sizes:
+            self.train_sizes = tuple(sorted({*self.train_sizes, self.epochs_train_size}))
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
@@ -256,17 +295,17 @@ def train_spec(
     objective = "eclipse" if spec.objective == "eclipse" and spec.lam > 0 else spec.objective
     tcfg = TrainConfig(
         data=str(store), out=str(run_dir), objective=objective, preset=spec.preset,  # type: ignore[arg-type]
-        lam=spec.lam, tau=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-        warmup_steps=min(cfg.warmup, cfg.steps - 1), checkpoint_every=max(50, cfg.steps // 4), keep_checkpoints=1,
-        val_every=0, log_every=max(1, min(50, cfg.steps)), seed=spec.seed, pooled_only=cfg.pooled_only,
-        report_to="none", num_workers=0, verify_store=False, ema_decay=0.99,
+        lam=spec.lam, tau=tau, steps=spec.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        warmup_steps=min(cfg.warmup, spec.steps - 1), checkpoint_every=max(50, spec.steps // 4), keep_checkpoints=1,
+        val_every=0, log_every=max(1, min(50, spec.steps)), seed=spec.seed, pooled_only=spec.pooled,
+        report_to="none", num_workers=0, verify_store=False, ema_decay=0.99, hard_negatives=cfg.hard_negatives,
         resume=(run_dir / "config.yaml").is_file(), progress=progress,
     )
     if cfg.val_prompts and spec.objective == "eclipse":  # pictures of the held-out compositions forming
         tcfg.val_decoder = str(Path(cfg.decoder) if cfg.decoder else shipped("decoder"))
         tcfg.val_prompts, tcfg.val_images_every, tcfg.report_to = cfg.val_prompts, cfg.val_images_every, "tensorboard"
         tcfg.val_image_steps, tcfg.val_image_guidance = cfg.decoder_steps, cfg.decoder_guidance
-    log(f"training {spec.name} ({cfg.steps} steps)")
+    log(f"training {spec.name} ({spec.steps} steps)")
     t0 = time.time()
     train(tcfg)
     timing = run_dir.with_name(run_dir.name + ".seconds.json")
@@ -355,6 +394,7 @@ class Benchmark:
         """The embedded training store of size ``n`` (the largest is embedded, smaller ones are its prefixes)."""
         data = self.out / "data"
         largest = max(self.cfg.train_sizes) if self.cfg.ablations else self.cfg.train_size
+        largest = max(largest, n)
         full = make_training_store(data, largest, self.clip_dir, self.holdout, self.cfg.data_seed, self.log,
                                    self.progress)
         return full if n == largest else subset_store(full, data / f"store-n{n}", n)
@@ -380,11 +420,22 @@ class Benchmark:
         return cached
 
     # --- plan ---------------------------------------------------------------------------------------------
+    def spec(self, objective: str, seed: int, preset: str | None = None, train_size: int | None = None,
+             steps: int | None = None, lam: float | None = None) -> PriorSpec:
+        """A prior of this run's setting; each objective gets its own lam unless one is given."""
+        from eclipse_prior.losses import OBJECTIVES
+
+        c = self.cfg
+        if lam is None:
+            lam = 0.0 if OBJECTIVES[objective] is None else c.lam if OBJECTIVES[objective] == "text" else c.contrast_lam
+        if objective == "eclipse" and lam == 0:
+            objective = "projection"
+        return PriorSpec(objective, lam, seed, preset or c.preset, train_size or c.train_size, steps or c.steps,
+                         c.pooled_only)
+
     def main_specs(self) -> list[PriorSpec]:
         """Every objective x seed at the main setting."""
-        c = self.cfg
-        lam = {"eclipse": c.lam, "projection": 0.0, "diffusion": 0.0}
-        return [PriorSpec(o, lam[o], s, c.preset, c.train_size) for s in range(c.seeds) for o in OBJECTIVE_LABELS]
+        return [self.spec(o, s) for s in range(self.cfg.seeds) for o in OBJECTIVE_LABELS if o in self.cfg.objectives]
 
     def run(self) -> dict[str, Any]:
         """The whole benchmark: main table, ablations, judge part, files; returns the results dict."""
@@ -392,7 +443,8 @@ class Benchmark:
 
         c = self.cfg
         t_start = time.time()
-        main: dict[str, list[dict]] = {row: [] for row in MAIN_ROWS}
+        main: dict[str, list[dict]] = {row: [] for row in ALL_ROWS
+                                       if row in (ROW_TEXT, ROW_ORACLE) or row in self._labels()}
         specs = self.main_specs()
         for spec in progress_bar(specs, desc="main priors", unit="prior", enabled=self.progress):
             ev = self.evaluate_spec(spec, c.diffusion_steps if c.ablations else ())
@@ -413,10 +465,6 @@ class Benchmark:
             "gap": self._gap(),
             "main": {row: _aggregate(vals) for row, vals in main.items()},
         }
-        if c.ablations:
-            t0 = time.time()
-            results["ablations"] = self.ablations()
-            self.timings["ablations_s"] = round(time.time() - t0, 1)
         if c.judge_part:
             t0 = time.time()
             judged = self.judge_part(specs)
@@ -428,8 +476,23 @@ class Benchmark:
                     results["main"][row]["judge"] = agg.pop("judge")
                     results["judge"]["attributes"][row] = agg
             self.timings["judge_part_s"] = round(time.time() - t0, 1)
+        if c.ablations:
+            self._write(results, t_start, partial=True)  # the main comparison is on disk before the sweeps run
+            t0 = time.time()
+            results["ablations"] = self.ablations()
+            self.timings["ablations_s"] = round(time.time() - t0, 1)
+        return self._write(results, t_start)
+
+    def _write(self, results: dict[str, Any], t_start: float, partial: bool = False) -> dict[str, Any]:
+        """results.json, results.md and plots; ``partial`` marks a write before the ablations have run."""
+        c = self.cfg
         self.timings["total_s"] = round(time.time() - t_start + self.timings["eval_set_and_bank_s"], 1)
+        results["partial"] = partial
         log_path = self.out / "invocations.json"
+        if partial:
+            (self.out / "results.md").write_text(results_markdown(results | {"timings": dict(self.timings)}))
+            write_json_atomic(self.out / "results.json", results | {"timings": dict(self.timings)})
+            return results
         invocations = (_read_json(log_path) or []) + [{
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": self.timings["total_s"],
             "seeds": c.seeds, "ablations": c.ablations, "judge_part": c.judge_part}]
@@ -446,6 +509,9 @@ class Benchmark:
         plot_results(results, self.out)
         return results
 
+    def _labels(self) -> list[str]:
+        return [OBJECTIVE_LABELS[o] for o in OBJECTIVE_LABELS if o in self.cfg.objectives]
+
     def _gap(self) -> dict[str, float]:
         """Modality gap on the eval captions: cosine of text to its own true distribution, and oracle's."""
         text = self.scores(self.text["text_embeds"])["cos_true"]["all/seen"]
@@ -453,39 +519,67 @@ class Benchmark:
         return {"text_to_true_cos": text, "true_to_true_cos": oracle}
 
     def ablations(self) -> dict[str, Any]:
-        """lam, diffusion steps, network size and training-set size ablations (see the module docstring)."""
+        """lam, diffusion steps, training-set size x training length, network size (see the module docstring)."""
         c = self.cfg
         out: dict[str, Any] = {}
         lam_rows = []
         for lam in c.lams:  # every seed: whether the contrastive term helps is the paper's central claim
-            seeds = range(c.seeds)
-            vals = [self.evaluate_spec(PriorSpec("eclipse" if lam > 0 else "projection", lam, s, c.preset,
-                                                 c.train_size))["0"] for s in seeds]
-            lam_rows.append({"lam": lam, **_aggregate(vals)})
+            specs = [self.spec("eclipse", s, lam=lam) for s in range(c.seeds)]
+            lam_rows.append({"lam": lam, **self._grad_ratio(specs), **self.ablation_row(specs)})
         out["lam"] = lam_rows
         step_rows = []
-        for steps in c.diffusion_steps:
-            vals = [self.evaluate_spec(PriorSpec("diffusion", 0.0, s, c.preset, c.train_size), c.diffusion_steps)
-                    [str(steps)] for s in range(c.seeds)]
+        for steps in c.diffusion_steps:  # sampling steps: no retraining, embedding metrics only
+            vals = [self.evaluate_spec(self.spec("diffusion", s), c.diffusion_steps)[str(steps)]
+                    for s in range(c.seeds)]
             step_rows.append({"steps": steps, **_aggregate(vals)})
         out["diffusion_steps"] = step_rows
         seeds = range(min(c.ablation_seeds, c.seeds))
-
-        def grid_rows(preset: str, n: int) -> list[dict[str, Any]]:
-            rows = []
-            for objective, label in OBJECTIVE_LABELS.items():
-                lam = c.lam if objective == "eclipse" else 0.0
-                specs = [PriorSpec(objective, lam, s, preset, n) for s in seeds]
-                key = str(c.prior_steps) if objective == "diffusion" else "0"
-                vals = [self.evaluate_spec(spec)[key] for spec in specs]
-                rows.append({"model": label, "parameters": _parameters(self.out / "runs" / specs[0].name),
-                             **_aggregate(vals)})
-            return rows
-
-        out["network"] = [{"preset": p, **r} for p in (c.second_preset, c.preset) for r in grid_rows(p, c.train_size)]
-        size_rows = [{"train_size": n, **r} for n in c.train_sizes for r in grid_rows(c.preset, n)]
-        out["train_size"] = size_rows
+        grid = []
+        at = c.epochs_train_size or min(c.train_sizes)  # long runs cost steps ~ epochs x size: a small set
+        for n in c.train_sizes:
+            budgets = {c.steps, *(max(1, math.ceil(e * n / c.batch_size)) for e in c.epochs if n == at)}
+            for steps in sorted(budgets):
+                for objective in c.ablation_objectives:
+                    if objective == "ridge" and steps != c.steps:  # closed form: no training length
+                        continue
+                    specs = [self.spec(objective, s, train_size=n, steps=steps) for s in seeds]
+                    grid.append({"train_size": n, "epochs": round(steps * c.batch_size / n, 1), "steps": steps,
+                                 "model": OBJECTIVE_LABELS[specs[0].objective], **self.ablation_row(specs)})
+        out["train_size"] = grid
+        if c.second_preset:
+            out["network"] = []
+            for preset in (c.second_preset, c.preset):
+                for objective in c.ablation_objectives:
+                    specs = [self.spec(objective, s, preset=preset) for s in seeds]
+                    row = self.ablation_row(specs)  # trains them: the size is read from the run afterwards
+                    out["network"].append({"preset": preset, "model": OBJECTIVE_LABELS[specs[0].objective],
+                                           "parameters": _parameters(self.out / "runs" / specs[0].name), **row})
         return out
+
+    def ablation_row(self, specs: Sequence[PriorSpec]) -> dict[str, Any]:
+        """Embedding metrics over the specs' seeds, plus judge accuracy on decodes when ``judge_ablations``."""
+        key = str(self.cfg.prior_steps) if specs[0].objective == "diffusion" else "0"
+        row = _aggregate([self.evaluate_spec(spec)[key] for spec in specs])
+        if self.cfg.judge_ablations and self.cfg.judge_part:
+            judged = [self.judge_spec(spec) for spec in specs]
+            if all(j is not None for j in judged):
+                row.update({k: v for k, v in _aggregate(judged).items() if k in ("judge", "judge_soft")})
+        return row
+
+    def _grad_ratio(self, specs: Sequence[PriorSpec]) -> dict[str, Any]:
+        """lam x ||d InfoNCE/d pred|| / ||d projection/d pred|| from each run's log, over seeds: the mean over
+        training and the last logged value (the ratio falls as the contrastive term is satisfied)."""
+        from eclipse_prior.training.trainer import iter_metrics
+
+        means, lasts = [], []
+        for spec in specs:
+            rows = [r for r in iter_metrics(self.out / "runs" / spec.name) if "grad_ratio" in r]
+            if not rows:
+                return {}
+            ratios = [spec.lam * r["grad_ratio"] for r in rows]
+            means.append(float(np.mean(ratios)))
+            lasts.append(ratios[-1])
+        return {"lam_grad_ratio_mean": t_interval(means), "lam_grad_ratio_last": t_interval(lasts)}
 
     # --- judge --------------------------------------------------------------------------------------------
     def decode_indices(self) -> list[int]:
@@ -500,30 +594,78 @@ class Benchmark:
             idx.append(i)
         return idx
 
-    def judge_part(self, specs: Sequence[PriorSpec]) -> dict[str, Any] | None:
-        """Decode a subset of captions per row and seed through the pipeline and judge them (cached per row).
-
-        Skipped with a log line (the embedding part stands alone) when no decoder or judge is available.
-        """
+    def _judge_setup(self) -> dict[str, Any] | None:
+        """Decoder, judge and the decoded captions, loaded once; None (logged) when a part is missing."""
+        if hasattr(self, "_judge_state"):
+            return self._judge_state
         c = self.cfg
         try:
             decoder = require(Path(c.decoder) if c.decoder else shipped("decoder"), "decoder")
             judge_dir = require(Path(c.judge) if c.judge else shipped("judge"), "judge")
         except ModelNotFoundError as why:
             self.log(f"judge part skipped: {why}")
+            self._judge_state: dict[str, Any] | None = None
             return None
-        from eclipse_prior.shapes.judge import judge_scores, load_judge
+        from eclipse_prior.shapes.judge import load_judge
 
-        judge = load_judge(judge_dir)
         idx = self.decode_indices()
         captions = [self.eval_set.captions[i] for i in idx]
-        prompts = [x.text for x in captions]
-        scenes = [x.scene for x in captions]
         cache = self.out / "decodes" / f"{_fingerprint(decoder)}-{c.decoder_steps}steps-g{c.decoder_guidance:g}"
         cache.mkdir(parents=True, exist_ok=True)
+        self._judge_state = {"decoder": decoder, "judge_dir": judge_dir, "judge": load_judge(judge_dir), "idx": idx,
+                             "captions": captions, "cache": cache, "pipe": None}
+        return self._judge_state
+
+    def decode_and_judge(
+        self, row: str, seed: int, run_dir: Path, given: torch.Tensor | None = None
+    ) -> tuple[dict[str, dict[str, float]], np.ndarray] | None:
+        """Decode the judge's captions for one row and seed (a run's prior, or ``given`` embeddings) and judge
+        them; images are cached per row, seed and run. Returns (cell means, images) or None without a judge."""
+        from eclipse_prior.shapes.judge import judge_scores
+
+        state = self._judge_setup()
+        if state is None:
+            return None
+        c = self.cfg
+        slug = row.split(" ")[0].lower() + f"-s{seed}" + ("" if given is not None else "-" + run_dir.name)
+        path = state["cache"] / f"{slug}.npz"
+        captions = state["captions"]
+        if path.is_file():
+            images = np.load(path)["images"]
+        else:
+            state["pipe"] = state["pipe"] or PipelineDecoder(state["decoder"], self.clip_dir, run_dir)
+            images = state["pipe"].decode(run_dir, [x.text for x in captions], seed, c.decoder_steps,
+                                          c.decoder_guidance, c.prior_steps, c.prior_guidance, given)
+            tmp = path.with_name(f".{path.stem}.tmp.npz")
+            np.savez_compressed(tmp, images=images)
+            os.replace(tmp, path)
+        scores = judge_scores(images, [x.scene for x in captions], judge=state["judge"])
+        scores["judge"] = scores.pop("composition")
+        scores["judge_soft"] = scores.pop("composition_soft")
+        return cell_means(scores, captions), images
+
+    def judge_spec(self, spec: PriorSpec) -> dict[str, dict[str, float]] | None:
+        """Judge cells of one trained prior (trained first if needed)."""
+        self.evaluate_spec(spec)
+        judged = self.decode_and_judge(OBJECTIVE_LABELS[spec.objective], spec.seed, self.out / "runs" / spec.name)
+        return None if judged is None else judged[0]
+
+    def judge_part(self, specs: Sequence[PriorSpec]) -> dict[str, Any] | None:
+        """Decode a subset of captions per row and seed through the pipeline and judge them (cached per row).
+
+        Skipped with a log line (the embedding part stands alone) when no decoder or judge is available.
+        """
+        c = self.cfg
+        state = self._judge_setup()
+        if state is None:
+            return None
+        from eclipse_prior.shapes.judge import judge_scores
+
+        idx, captions = state["idx"], state["captions"]
+        scenes = [x.scene for x in captions]
         decoder_runs = [s for s in specs if s.seed < c.seeds]
         first_run = self.out / "runs" / decoder_runs[0].name
-        rows: dict[str, list[dict]] = {row: [] for row in MAIN_ROWS}
+        rows: dict[str, list[dict]] = {}
         grids: dict[str, np.ndarray] = {}
         jobs: list[tuple[str, int, Path, torch.Tensor | None]] = []
         for spec in decoder_runs:
@@ -533,32 +675,19 @@ class Benchmark:
             jobs.append((ROW_ORACLE, seed, first_run, self.oracle_embeds(seed)[idx]))
         from eclipse_prior.outputs import progress as progress_bar
 
-        pipe: PipelineDecoder | None = None
         for row, seed, run_dir, given in progress_bar(jobs, desc="decode+judge", unit="row", enabled=self.progress):
-            slug = row.split(" ")[0].lower() + f"-s{seed}" + ("" if given is not None else "-" + run_dir.name)
-            path = cache / f"{slug}.npz"
-            if path.is_file():
-                images = np.load(path)["images"]
-            else:
-                pipe = pipe or PipelineDecoder(decoder, self.clip_dir, run_dir)
-                images = pipe.decode(run_dir, prompts, seed, c.decoder_steps, c.decoder_guidance, c.prior_steps,
-                                     c.prior_guidance, given)
-                tmp = path.with_name(f".{path.stem}.tmp.npz")
-                np.savez_compressed(tmp, images=images)
-                os.replace(tmp, path)
-            scores = judge_scores(images, scenes, judge=judge)
-            scores["judge"] = scores.pop("composition")
-            scores["judge_soft"] = scores.pop("composition_soft")
-            rows[row].append(cell_means(scores, captions))
+            cells, images = self.decode_and_judge(row, seed, run_dir, given)  # type: ignore[misc]
+            rows.setdefault(row, []).append(cells)
             if seed == 0:
                 grids[row] = images
         truth = np.stack([render_array(s) for s in scenes])
-        ceiling = cell_means({"judge": judge_scores(truth, scenes, judge=judge)["composition"]}, captions)["judge"]
-        save_grid_png(self.out / "decodes.png", [truth, *(grids[r] for r in MAIN_ROWS if r in grids)],
-                      ["renders", *(r for r in MAIN_ROWS if r in grids)])
-        return {"rows": rows, "decoder": str(decoder), "judge": str(judge_dir), "images_per_row_seed": len(idx),
-                "judge_on_true_renders": ceiling, "decoder_steps": c.decoder_steps,
-                "decoder_guidance": c.decoder_guidance}
+        ceiling = cell_means({"judge": judge_scores(truth, scenes, judge=state["judge"])["composition"]},
+                             captions)["judge"]
+        shown = [r for r in ALL_ROWS if r in grids]
+        save_grid_png(self.out / "decodes.png", [truth, *(grids[r] for r in shown)], ["renders", *shown])
+        return {"rows": rows, "decoder": str(state["decoder"]), "judge": str(state["judge_dir"]),
+                "images_per_row_seed": len(idx), "judge_on_true_renders": ceiling,
+                "decoder_steps": c.decoder_steps, "decoder_guidance": c.decoder_guidance}
 
 
 def _parameters(run_dir: Path) -> int | None:
@@ -683,7 +812,7 @@ def main_table(results: dict[str, Any], metric: str) -> str:
     """Markdown table of one metric: rows models, columns categories, cells "seen / held-out" mean ± CI half."""
     cats = [*CATEGORIES, "all"]
     lines = ["| model | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
-    for row in MAIN_ROWS:
+    for row in ALL_ROWS:
         data = results["main"].get(row, {}).get(metric)
         if data is not None:
             lines.append(f"| {row} | " + " | ".join(_cell(data, c) for c in cats) + " |")
@@ -691,19 +820,61 @@ def main_table(results: dict[str, Any], metric: str) -> str:
 
 
 def _ablation_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
-    head = [*keys, "seeds", "top-1 seen", "top-1 held-out", "centred cos seen", "centred cos held-out"]
+    """Rows of one ablation: its keys, then judge accuracy (when decoded), centred cosine and top-1."""
+    judged = any("judge" in r for r in rows)
+    ratio = any("lam_grad_ratio_mean" in r for r in rows)
+    metrics = (["judge"] if judged else []) + ["cos_centred", "top1"]
+    head = [*keys, *(["lam x grad ratio (mean / last)"] if ratio else []), "seeds",
+            *(f"{METRICS[m].split(' to ')[0]} {s}" for m in metrics for s in SPLITS)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
-        vals = [str(r[k]) for k in keys] + [str(r["top1"]["all/seen"]["n"])]
-        vals += [_fmt(r[m][f"all/{s}"]) for m in ("top1", "cos_centred") for s in SPLITS]
+        vals = [str(r[k]) for k in keys]
+        if ratio:
+            vals.append(f"{_fmt(r['lam_grad_ratio_mean'])} / {_fmt(r['lam_grad_ratio_last'])}"
+                        if "lam_grad_ratio_mean" in r else "—")
+        vals.append(str(r["top1"]["all/seen"]["n"]))
+        vals += [_fmt(r[m][f"all/{s}"]) if m in r else "—" for m in metrics for s in SPLITS]
         lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+#: The issue's goal: held-out judge accuracy at most this far below seen, seen not below ECLIPSE's.
+GOAL_GAP = 0.05
+
+
+def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per prior: judge seen, held-out, the per-seed gap (seen - held-out) with its interval, and the goal."""
+    main = results["main"]
+    ecl = main.get(OBJECTIVE_LABELS["eclipse"], {}).get("judge")
+    if ecl is None:
+        return []
+    out = []
+    for row in ALL_ROWS:
+        judge = main.get(row, {}).get("judge")
+        if judge is None or row == ROW_TEXT:
+            continue
+        seen, held = judge["all/seen"], judge["all/held-out"]
+        gap = t_interval(np.subtract(seen["values"], held["values"]).tolist())
+        met = gap["mean"] <= GOAL_GAP and seen["mean"] >= ecl["all/seen"]["mean"]
+        out.append({"model": row, "seen": seen, "held_out": held, "gap": gap,
+                    "seen_vs_eclipse": seen["mean"] - ecl["all/seen"]["mean"], "goal_met": bool(met)})
+    return out
+
+
+def goal_table(results: dict[str, Any]) -> str:
+    """Markdown table of `goal_rows`."""
+    lines = ["| model | judge seen | judge held-out | gap seen - held-out | seen - ECLIPSE seen | goal met |",
+             "|---|---|---|---|---|---|"]
+    for r in goal_rows(results):
+        lines.append(f"| {r['model']} | {_fmt(r['seen'])} | {_fmt(r['held_out'])} | {_fmt(r['gap'])} | "
+                     f"{r['seen_vs_eclipse']:+.2f} | {'yes' if r['goal_met'] else 'no'} |")
     return "\n".join(lines)
 
 
 def _attribute_table(attributes: dict[str, dict[str, Any]]) -> str:
     aspects = ["count", "colour", "shape", "texture", "size", "judge_soft"]
     lines = ["| model | " + " | ".join(aspects) + " |", "|---" * (len(aspects) + 1) + "|"]
-    for row in MAIN_ROWS:
+    for row in ALL_ROWS:
         if row in attributes:
             lines.append(f"| {row} | " + " | ".join(_cell(attributes[row][a], "all") for a in aspects) + " |")
     return "\n".join(lines)
@@ -738,6 +909,12 @@ def automatic_reading(results: dict[str, Any]) -> list[str]:
     if text >= 0.95 and ties:
         lines.append("- WORLD TOO EASY: the raw text embedding already retrieves held-out compositions and every "
                      "objective ties.")
+    for r in goal_rows(results):
+        if r["model"] == ROW_ORACLE:
+            continue
+        lines.append(f"- goal (held-out judge within {GOAL_GAP} of seen, seen >= ECLIPSE's): {r['model']} "
+                     f"{'meets it' if r['goal_met'] else 'does not'} (gap {r['gap']['mean']:.3f}, seen "
+                     f"{r['seen']['mean']:.3f} vs ECLIPSE {r['seen']['mean'] - r['seen_vs_eclipse']:.3f}).")
     return lines
 
 
@@ -746,7 +923,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     c = results["config"]
     out = [
         "# Shapes benchmark (ECLIPSE Table 2 in miniature)", "",
-        f"Priors: preset `{c['preset']}`{' (pooled text embedding only)' if c['pooled_only'] else ''}, "
+        *(["**Partial: written before the ablations finished.**", ""] if results.get("partial") else []),
+        f"Priors: preset `{c['preset']}`"
+        f"{' (pooled text embedding only)' if c['pooled_only'] else ' (per-token text states)'}, "
         f"{c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, trained on {c['train_size']} shapes-world "
         f"pairs without the held-out compositions; {c['seeds']} seeds; tau = {results['tau']} "
         f"(1/exp(logit_scale) of the CLIP). Diffusion-Baseline sampled with {c['prior_steps']} steps, guidance "
@@ -771,12 +950,21 @@ def results_markdown(results: dict[str, Any]) -> str:
                 "the multiset of each attribute read right regardless of which object carries it; judge_soft is the "
                 "product of the probabilities of what the caption asserts (BLIP-VQA style).", "",
                 _attribute_table(j["attributes"]), ""]
+        if goal_rows(results):
+            out += [f"## Goal: held-out judge accuracy within {GOAL_GAP} of seen, seen not below ECLIPSE's", "",
+                    "Gap = seen - held-out per seed (mean ± 95% interval over seeds).", "", goal_table(results), ""]
     abl = results.get("ablations")
     if abl:
-        out += ["## Ablations (all categories)", "", "### lambda", "", _ablation_table(abl["lam"], ["lam"]), "",
+        out += ["## Ablations (all categories; cells seen and held-out)", "", "### lambda (ECLIPSE)", "",
+                "lam x grad ratio: lam x ||d InfoNCE / d prediction|| / ||d projection / d prediction||, as "
+                "`eclipse-prior train` logs it (metrics.jsonl `lam_grad_ratio`), mean over training / last log "
+                "step: the contrastive term's share of the gradient the network receives.", "",
+                _ablation_table(abl["lam"], ["lam"]), "",
                 "### Diffusion-Baseline sampling steps", "", _ablation_table(abl["diffusion_steps"], ["steps"]), "",
-                "### Network size", "", _ablation_table(abl["network"], ["preset", "parameters", "model"]), "",
-                "### Training-set size", "", _ablation_table(abl["train_size"], ["train_size", "model"]), ""]
+                "### Training-set size and training length", "",
+                _ablation_table(abl["train_size"], ["train_size", "epochs", "steps", "model"]), ""]
+        if "network" in abl:
+            out += ["### Network size", "", _ablation_table(abl["network"], ["preset", "parameters", "model"]), ""]
     out += ["## Automatic reading", "", *automatic_reading(results), "",
             "## Timings (s)", "", "```", json.dumps(results["timings"], indent=1), "```", ""]
     return "\n".join(out)
@@ -791,7 +979,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
     paths = []
     for metric, title in METRICS.items():
-        rows = [r for r in MAIN_ROWS if metric in results["main"].get(r, {})]
+        rows = [r for r in ALL_ROWS if metric in results["main"].get(r, {})]
         if not rows:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
@@ -825,7 +1013,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         groups: dict[str, list[dict]] = {}
         for r in abl[name]:
-            groups.setdefault(r.get("model", ""), []).append(r)
+            if r.get("steps", results["config"]["steps"]) == results["config"]["steps"] or name != "train_size":
+                groups.setdefault(r.get("model", ""), []).append(r)
         for model, rs in groups.items():
             for split, style in zip(SPLITS, ("-o", "--s"), strict=True):
                 ax.plot([r[key] for r in rs], [r["top1"][f"all/{split}"]["mean"] for r in rs], style,

@@ -156,6 +156,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
         warmup=max(1, cfg.steps // 10), preset=cfg.preset, compositions_per_cell=cfg.compositions_per_cell,
         paraphrases=1, bank_renders=cfg.bank_renders, decode_per_cell=cfg.decode_per_cell,
         decoder_steps=cfg.decoder_steps, ablations=False, clip=cfg.clip, decoder=cfg.decoder, judge=cfg.judge,
+        pooled_only=True, objectives=("projection", "diffusion", "eclipse"),  # the paper's three, in a minute
     )
     decoder_dir = Path(cfg.decoder) if cfg.decoder else shipped("decoder")
     holdout = load_holdout(None)

@@ -13,7 +13,7 @@ from typing import Literal
 from eclipse_prior.config import _check_value
 from eclipse_prior.errors import ConfigError
 
-Objective = Literal["eclipse", "projection", "diffusion"]
+Objective = Literal["eclipse", "projection", "diffusion", "ridge", "residual", "image-contrastive", "hard-negatives"]
 
 
 def _h(text: str) -> dict[str, str]:
@@ -28,7 +28,11 @@ class TrainConfig:
     out: str = field(default="", metadata=_h("run folder (config, checkpoints, logs, prior/)"))
     objective: Objective = field(
         default="eclipse",
-        metadata=_h("eclipse = projection + lam*InfoNCE; projection = lam 0; diffusion = Diffusion-Baseline"),
+        metadata=_h("eclipse = projection + lam*InfoNCE vs texts; projection = lam 0; diffusion = "
+                    "Diffusion-Baseline; ridge = closed-form linear map of the pooled text embedding; residual = "
+                    "that linear map + a transformer correction (eclipse loss); image-contrastive = projection + "
+                    "lam*symmetric InfoNCE vs the batch's true images; hard-negatives = the same vs the images of "
+                    "each caption's --hard-negatives nearest captions"),
     )
     preset: str = field(
         default="small",
@@ -44,6 +48,14 @@ class TrainConfig:
         default=0.01,
         metadata=_h("InfoNCE temperature on cosine similarities (not published; CLIP's final 0.01, "
                     "= eclipse_prior.losses.DEFAULT_TAU, whose docstring says why)"),
+    )
+    hard_negatives: int = field(
+        default=4, metadata=_h("hard-negatives objective: negatives per row (nearest other captions in the batch)")
+    )
+    ridge_alpha: float = field(
+        default=1e-3,
+        metadata=_h("ridge / residual: L2 penalty of the linear map, relative to the mean eigenvalue of the "
+                    "text embeddings' second-moment matrix"),
     )
     steps: int = field(default=10000, metadata=_h("optimizer steps in total"))
     batch_size: int = field(default=64, metadata=_h("samples per process per micro-batch"))
@@ -162,5 +174,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.val_decoder and not self.val_prompts:
             raise ConfigError("--val-decoder needs --val-prompts FILE (one prompt per line)")
+        if self.hard_negatives < 1 or self.ridge_alpha < 0:
+            raise ConfigError("hard_negatives must be >= 1 and ridge_alpha >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -107,7 +107,7 @@ def _remove_if_only_lock(folder: Path) -> None:
 # Fields a resumed run must share with the run it continues (the network, the data stream, the objective).
 # Others (steps, logging, checkpoint cadence, workers, tracker) may change on resume.
 RESUME_FIXED = ("data", "objective", "preset", "init_from", "lam", "tau", "batch_size", "grad_accum", "seed",
-                "pooled_only", "mixed_precision")
+                "pooled_only", "mixed_precision", "hard_negatives", "ridge_alpha")
 
 
 def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:

@@ -68,26 +68,49 @@ def objective_loss(
     lam: float,
     tau: float,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    hard_negatives: int = 4,
+    grad_ratio: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one objective on `prior.training_prediction(...)`, plus its parts for logging.
 
-    eclipse: projection + lam * InfoNCE, i.e. `eclipse_loss` written out so that under several processes
-    `gather` (an all-gather that keeps gradients) gives the contrastive term the whole global batch as
-    negatives, as one process with the global batch would have; the projection term is a per-sample mean
-    that DDP's gradient averaging already makes global.
+    Every objective but diffusion is projection + lam * a contrastive term (`eclipse_prior.losses.OBJECTIVES`
+    says which): eclipse and residual use the paper's InfoNCE against the batch's texts, image-contrastive and
+    hard-negatives a symmetric InfoNCE against the batch's true image embeddings (hard-negatives: each row's
+    `hard_negatives` nearest other captions only); projection and ridge have no second term, diffusion compares
+    the predicted x0 with the clean image. Under several processes `gather` (an all-gather that keeps
+    gradients) gives the contrastive term the whole global batch, as one process with the global batch would
+    have; the projection term is a per-sample mean that DDP's gradient averaging already makes global.
+
+    `grad_ratio`: also return `grad_ratio` = ||d contrastive / d pred|| / ||d projection / d pred|| (unweighted;
+    lam x it is the contrastive term's share of the gradient the network receives). Taken at the output, not
+    the parameters: both terms reach the parameters through the same Jacobian of `pred`, so the output ratio is
+    what lam actually sets, it is free of the network's conditioning, and it costs two backward passes through
+    the loss alone instead of two more through the network.
     """
+    from eclipse_prior.losses import OBJECTIVES, hard_negative_loss, image_contrastive_loss
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r} ({', '.join(OBJECTIVES)})")
     image_embeds = batch["image_embeds"]
-    if objective == "eclipse":
-        projection = projection_loss(pred, image_embeds)
-        g = gather or (lambda t: t)
-        contrastive = contrastive_loss(
-            g(pred), g(batch["text_embeds"]), tau=tau, caption_ids=g(batch["caption_ids"])
-        )
-        return projection + lam * contrastive, {"projection": projection, "contrastive": contrastive}
-    if objective in ("projection", "diffusion"):  # diffusion: the prior predicts x0, compared to the clean image
-        loss = projection_loss(pred, image_embeds)
-        return loss, {"projection": loss}
-    raise ConfigError(f"unknown objective {objective!r} (eclipse, projection, diffusion)")
+    projection = projection_loss(pred, image_embeds)
+    kind = OBJECTIVES[objective]
+    if kind is None:  # projection, ridge, diffusion (x0 prediction against the clean image)
+        return projection, {"projection": projection}
+    g = gather or (lambda t: t)
+    ids = g(batch["caption_ids"])
+    if kind == "text":
+        contrastive = contrastive_loss(g(pred), g(batch["text_embeds"]), tau=tau, caption_ids=ids)
+    elif kind == "image":
+        contrastive = image_contrastive_loss(g(pred), g(image_embeds), tau=tau, caption_ids=ids)
+    else:
+        contrastive = hard_negative_loss(g(pred), g(image_embeds), g(batch["text_embeds"]), hard_negatives,
+                                         tau=tau, caption_ids=ids)
+    terms = {"projection": projection, "contrastive": contrastive}
+    if grad_ratio:
+        (d_proj,) = torch.autograd.grad(projection, pred, retain_graph=True)
+        (d_con,) = torch.autograd.grad(contrastive, pred, retain_graph=True)
+        terms["grad_ratio"] = d_con.norm() / d_proj.norm().clamp_min(1e-12)
+    return projection + lam * contrastive, terms
 
 
 class _PredictionStep(nn.Module):
@@ -218,10 +241,10 @@ def _build_prior(cfg: TrainConfig, store: Any) -> nn.Module:
     """A prior sized by the preset (depth/heads) and the store (width, text length), or loaded by --init-from."""
     import eclipse_prior.models as models
 
-    cls = models.DiffusionPrior if cfg.objective == "diffusion" else models.EclipsePrior
+    cls = {"diffusion": models.DiffusionPrior, "residual": models.ResidualPrior}.get(cfg.objective, models.EclipsePrior)
     if cfg.init_from:
         prior = models.load_prior(cfg.init_from, local_files_only=True if cfg.offline else None)
-        if not isinstance(prior, cls):
+        if type(prior) is not cls:
             raise ConfigError(
                 f"--init-from {cfg.init_from} is a {type(prior).__name__} but objective {cfg.objective} trains a "
                 f"{cls.__name__}"
@@ -230,6 +253,10 @@ def _build_prior(cfg: TrainConfig, store: Any) -> nn.Module:
         torch.manual_seed(cfg.seed)
         num_embeddings = store.text_seq_len if store.has_text_states else None
         prior = cls.from_preset(cfg.preset, store.image_dim, num_embeddings, pooled_only=cfg.pooled_only)
+        if cfg.objective == "residual":  # start as the ridge map; the network learns the correction
+            from eclipse_prior.training.linear import fit_ridge
+
+            prior.start_from_linear_map(*fit_ridge(store, store.split_indices("train"), cfg.ridge_alpha))
     width = prior.config.embedding_dim
     if width != store.image_dim:
         raise StoreError(f"store {cfg.data} has embedding width {store.image_dim} but the prior has width {width}")
@@ -416,6 +443,10 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     equivalent command built from the resolved config is recorded.
     """
     cfg.check()
+    if cfg.objective == "ridge":  # closed form, no training loop
+        from eclipse_prior.training.linear import train_ridge
+
+        return train_ridge(cfg, command)
     run_dir = Path(cfg.out)
     refuse_if_held(run_dir)  # a run in progress there is said first, naming it
     check_run_dir(cfg, run_dir)  # early one-line errors, before the store is verified; checked again once claimed
@@ -510,6 +541,8 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                         k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item()
                         for k, v in window_terms.items()
                     }
+                    if "grad_ratio" in parts:  # lam re-expressed as the contrastive share of the output gradient
+                        parts["lam_grad_ratio"] = cfg.lam * parts["grad_ratio"]
                     window, window_terms = [], {}
                     rate = samples / max(time.perf_counter() - t0, 1e-9)  # this window, training time only
                     t0, samples = time.perf_counter(), 0
@@ -634,7 +667,10 @@ def _training_step(
             **{k: v.to(accelerator.device) for k, v in randomness.items()},
         )
         gather = _gather_with_grad if world > 1 else None
-        loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau, gather)
+        done = micro_step // cfg.grad_accum + 1  # the optimizer step this micro-batch belongs to
+        measure = done % cfg.log_every == 0 or done == cfg.steps  # the ratio is logged at log steps only
+        loss, terms = objective_loss(cfg.objective, pred.float(), batch, cfg.lam, cfg.tau, gather,
+                                     cfg.hard_negatives, grad_ratio=measure)
         if not torch.isfinite(loss):
             raise EclipsePriorError(
                 f"training diverged: loss {loss.item()} at micro-step {micro_step}; lower --lr or check the store"
