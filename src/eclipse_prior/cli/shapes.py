@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--ablation-seeds", type=int, default=None, help="seeds of the size/length ablations (default 3)")
     m.add_argument("--second-preset", default=None, help="also ablate the network size with this preset (e.g. tiny)")
     m.add_argument("--no-judge-ablations", action="store_true", help="embedding metrics only for ablation rows")
+    m.add_argument("--no-judge-text", action="store_true",
+                   help="do not decode the raw text embedding row (it depends on no prior; 0.00 judge in every run)")
     m.add_argument("--no-ablations", action="store_true", help="skip the ablations")
     m.add_argument("--no-judge", action="store_true", help="skip decoding and the judge (embedding metrics only)")
     m.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
@@ -153,6 +155,7 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
     cfg.ablations = (cfg.ablations or asked) and not args.no_ablations
     cfg.judge_part = not args.no_judge
     cfg.judge_ablations = not args.no_judge_ablations
+    cfg.judge_text = not args.no_judge_text
     cfg.pooled_only = args.pooled_only
     t0 = time.time()
     results = run_benchmark(cfg, progress=not args.no_progress)

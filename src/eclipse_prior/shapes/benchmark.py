@@ -175,6 +175,7 @@ class BenchmarkConfig:
     ablation_seeds: int = 3
     judge_part: bool = True
     judge_ablations: bool = True
+    judge_text: bool = True
     threads: int | None = None
     quick: bool = False
     val_prompts: str | None = None  # prompts decoded while ECLIPSE priors train (TensorBoard, RUN/val_images); demo
@@ -464,6 +465,7 @@ class Benchmark:
             "eval_set": {"captions": len(self.eval_set.captions), "gallery_compositions": len(self.eval_set.gallery)},
             "gap": self._gap(),
             "main": {row: _aggregate(vals) for row, vals in main.items()},
+            "grad_ratio": self._main_grad_ratios(specs),
         }
         if c.judge_part:
             t0 = time.time()
@@ -508,6 +510,15 @@ class Benchmark:
         (self.out / "results.md").write_text(results_markdown(results))
         plot_results(results, self.out)
         return results
+
+    def _main_grad_ratios(self, specs: Sequence[PriorSpec]) -> dict[str, Any]:
+        """lam x contrastive/projection output-gradient ratio of each main objective that has a contrastive term."""
+        out = {}
+        for objective, label in OBJECTIVE_LABELS.items():
+            mine = [s for s in specs if s.objective == objective and s.lam > 0]
+            if mine and (ratio := self._grad_ratio(mine)):
+                out[label] = {"lam": mine[0].lam, **ratio}
+        return out
 
     def _labels(self) -> list[str]:
         return [OBJECTIVE_LABELS[o] for o in OBJECTIVE_LABELS if o in self.cfg.objectives]
@@ -671,7 +682,8 @@ class Benchmark:
         for spec in decoder_runs:
             jobs.append((OBJECTIVE_LABELS[spec.objective], spec.seed, self.out / "runs" / spec.name, None))
         for seed in range(c.seeds):
-            jobs.append((ROW_TEXT, seed, first_run, self.text["text_embeds"][idx]))
+            if c.judge_text:
+                jobs.append((ROW_TEXT, seed, first_run, self.text["text_embeds"][idx]))
             jobs.append((ROW_ORACLE, seed, first_run, self.oracle_embeds(seed)[idx]))
         from eclipse_prior.outputs import progress as progress_bar
 
@@ -950,6 +962,12 @@ def results_markdown(results: dict[str, Any]) -> str:
                 "the multiset of each attribute read right regardless of which object carries it; judge_soft is the "
                 "product of the probabilities of what the caption asserts (BLIP-VQA style).", "",
                 _attribute_table(j["attributes"]), ""]
+        if results.get("grad_ratio"):
+            out += ["Loss balance of the main priors: lam x ||d contrastive / d prediction|| / ||d projection / d "
+                    "prediction|| as `eclipse-prior train` logs it (mean over training / last log step).", "",
+                    "| model | lam | lam x grad ratio, mean | lam x grad ratio, last |", "|---|---|---|---|",
+                    *(f"| {k} | {v['lam']:g} | {_fmt(v['lam_grad_ratio_mean'])} | {_fmt(v['lam_grad_ratio_last'])} |"
+                      for k, v in results["grad_ratio"].items()), ""]
         if goal_rows(results):
             out += [f"## Goal: held-out judge accuracy within {GOAL_GAP} of seen, seen not below ECLIPSE's", "",
                     "Gap = seen - held-out per seed (mean ± 95% interval over seeds).", "", goal_table(results), ""]
