@@ -183,6 +183,21 @@ def test_train_each_objective_through_the_cli(objective, tmp_path, capsys):
     assert prior.generate_embeds(text, states).shape == (2, 32)
 
 
+def test_ridge_fit_claims_its_run_folder_like_a_trained_run(tmp_path, capsys):
+    """A ridge fit into a folder another command holds is a one-line refusal naming the holder, and writes nothing."""
+    from eclipse_prior.outputs import claim_dir
+
+    store = make_store(tmp_path / "store", n=32)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(store), "--out", str(run), "--objective", "ridge", "--report-to", "none"]
+    with claim_dir(run, "someone else"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "someone else" in err and "\n" not in err
+    assert not (run / "prior").exists()
+    assert main(argv) == 0 and load_prior(run).config.embedding_dim == 32
+
+
 def test_size_swap_and_binding_label():
     from eclipse_prior.shapes import parse_caption
     from eclipse_prior.shapes.size_probe import big_first, swap_sizes

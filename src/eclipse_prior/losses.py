@@ -6,15 +6,7 @@ over elements instead, which divides the projection term by the width E and so m
 lambda by E (lambda 0.2 under "mean" equals lambda 0.2 * E under "sum"; at E = 64 that made the contrastive
 term ~100x the projection term). To reproduce a "mean" setting with the default, use lam_sum = lam_mean / E.
 
-Temperature. The paper does not publish tau. Default `DEFAULT_TAU = 0.01
-#: Every training objective and the contrastive term it adds to the projection loss (None: none). "text": the
-#: paper's InfoNCE against the batch's texts; "image": symmetric InfoNCE against the batch's true image
-#: embeddings; "hard": against the true images of each row's nearest other captions only. ridge is a closed-form
-#: linear map (no gradient training); residual is a linear map plus a transformer correction, trained like eclipse.
-OBJECTIVES: dict[str, str | None] = {
-    "eclipse": "text", "projection": None, "diffusion": None, "ridge": None, "residual": "text",
-    "image-contrastive": "image", "hard-negatives": "hard",
-}`, the temperature OpenAI and LAION
+Temperature. The paper does not publish tau. Default `DEFAULT_TAU = 0.01`, the temperature OpenAI and LAION
 CLIPs end training at (logit scale 100). The contrastive term is CLIP's own image->text loss with the
 predicted image in place of the real one: at CLIP's temperature the true image embedding (the projection
 target) already scores low, so the two terms pull the same way. At a higher tau such as 0.07 the matching

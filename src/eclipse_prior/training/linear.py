@@ -57,7 +57,7 @@ def train_ridge(cfg: TrainConfig, command: str | None = None) -> Path:
     from eclipse_prior.evaluation.embedding_metrics import evaluate_prior
     from eclipse_prior.losses import projection_loss
     from eclipse_prior.models import LinearPrior
-    from eclipse_prior.outputs import write_json_atomic
+    from eclipse_prior.outputs import claim_dir, write_json_atomic
     from eclipse_prior.training.resume import check_run_dir, refuse_if_held, truncate_metrics
     from eclipse_prior.training.trainer import (
         _append_jsonl,
@@ -73,39 +73,40 @@ def train_ridge(cfg: TrainConfig, command: str | None = None) -> Path:
         return run_dir
     refuse_if_held(run_dir)
     check_run_dir(cfg, run_dir)
-    store = _open_store(cfg)
-    train_rows = store.split_indices("train")
-    if len(train_rows) == 0:
-        raise StoreError(f"store {cfg.data} has no rows in its train split")
-    t0 = time.perf_counter()
-    weight, bias = fit_ridge(store, train_rows, cfg.ridge_alpha)
-    prior = LinearPrior(embedding_dim=store.image_dim)
-    prior.set_map(weight, bias)
-    prior.eval()
-    seconds = time.perf_counter() - t0
-    sample = store.get_batch(train_rows[: min(len(train_rows), 4096)])
-    with torch.no_grad():
-        pred = prior(torch.from_numpy(np.asarray(sample["text_embeds"], dtype=np.float32)))
-        fit = projection_loss(pred, torch.from_numpy(np.asarray(sample["image_embeds"], dtype=np.float32))).item()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    save_prior_atomic(prior, run_dir / "prior")
-    metrics_path = run_dir / "metrics.jsonl"
-    truncate_metrics(metrics_path, -1)
-    _append_jsonl(metrics_path, {"step": 0, "loss": fit, "projection": fit, "fit_seconds": seconds})
-    if cfg.val_every and _val_rows(store, cfg) >= 2:
-        metrics = evaluate_prior(prior, store, split="val", seed=cfg.seed, max_samples=cfg.val_max_samples,
-                                 verify_store=False)
-        _append_jsonl(metrics_path, {"step": 0, "split": "val", **metrics})
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    invoked = command or resolved_command(cfg)
-    info.setdefault("command", invoked)
-    info.setdefault("invocations", []).append({"command": invoked, "start_step": 0})
-    info.update(resolved_command=resolved_command(cfg), store=_store_summary(store, cfg.data),
-                prior_class="LinearPrior", prior_config=dict(prior.config),
-                parameters=sum(p.numel() for p in prior.parameters()), world_size=1, global_batch=len(train_rows),
-                status="finished")
-    write_json_atomic(run_dir / "run.json", info)
-    print(f"ridge map fitted on {len(train_rows)} rows in {seconds:.2f}s (train projection loss {fit:.4g})",
-          file=sys.stderr)
+    with claim_dir(run_dir, command or resolved_command(cfg)):  # the same exclusion as a trained run
+        store = _open_store(cfg)
+        train_rows = store.split_indices("train")
+        if len(train_rows) == 0:
+            raise StoreError(f"store {cfg.data} has no rows in its train split")
+        t0 = time.perf_counter()
+        weight, bias = fit_ridge(store, train_rows, cfg.ridge_alpha)
+        prior = LinearPrior(embedding_dim=store.image_dim)
+        prior.set_map(weight, bias)
+        prior.eval()
+        seconds = time.perf_counter() - t0
+        sample = store.get_batch(train_rows[: min(len(train_rows), 4096)])
+        with torch.no_grad():
+            pred = prior(torch.from_numpy(np.asarray(sample["text_embeds"], dtype=np.float32)))
+            fit = projection_loss(pred, torch.from_numpy(np.asarray(sample["image_embeds"], dtype=np.float32))).item()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        save_prior_atomic(prior, run_dir / "prior")
+        metrics_path = run_dir / "metrics.jsonl"
+        truncate_metrics(metrics_path, -1)
+        _append_jsonl(metrics_path, {"step": 0, "loss": fit, "projection": fit, "fit_seconds": seconds})
+        if cfg.val_every and _val_rows(store, cfg) >= 2:
+            metrics = evaluate_prior(prior, store, split="val", seed=cfg.seed, max_samples=cfg.val_max_samples,
+                                     verify_store=False)
+            _append_jsonl(metrics_path, {"step": 0, "split": "val", **metrics})
+        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        invoked = command or resolved_command(cfg)
+        info.setdefault("command", invoked)
+        info.setdefault("invocations", []).append({"command": invoked, "start_step": 0})
+        info.update(resolved_command=resolved_command(cfg), store=_store_summary(store, cfg.data),
+                    prior_class="LinearPrior", prior_config=dict(prior.config),
+                    parameters=sum(p.numel() for p in prior.parameters()), world_size=1, global_batch=len(train_rows),
+                    status="finished")
+        write_json_atomic(run_dir / "run.json", info)
+        print(f"ridge map fitted on {len(train_rows)} rows in {seconds:.2f}s (train projection loss {fit:.4g})",
+              file=sys.stderr)
     return run_dir
