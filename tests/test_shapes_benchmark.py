@@ -279,3 +279,22 @@ def test_quick_benchmark_real_run(tmp_path, capsys):
     # a rerun reuses every cached prior, evaluation and decode and reproduces the numbers
     again = run_benchmark(BenchmarkConfig.quick_config(str(out), threads=1), log=lambda s: None, progress=False)
     assert again["main"] == results["main"]
+
+
+@needs_clip
+def test_workers_give_the_same_results_as_one_process(tmp_path):
+    """`--workers 2` trains, scores and decodes in two processes; with the same threads per prior every number
+    (embedding metrics, ablation rows, judge cells) equals the one-process run's."""
+    settings = dict(threads=1, objectives=("projection", "diffusion", "eclipse", "ridge"), lams=(0.2,),
+                    diffusion_steps=(2,), ablation_objectives=("projection", "eclipse"), judge_text=False)
+    results = {}
+    for workers in (2, 1):
+        cfg = BenchmarkConfig.quick_config(str(tmp_path / f"w{workers}"), workers=workers, **settings)
+        cfg.ablations = True
+        logged: list[str] = []
+        results[workers] = run_benchmark(cfg, log=logged.append, progress=False)
+        if workers == 2:  # every prior and decoded row came from the pool
+            assert sum(line.startswith("done ") for line in logged) == 4 * 2 + 2
+    assert results[2]["main"] == results[1]["main"]
+    assert results[2]["ablations"] == results[1]["ablations"]
+    assert "prefetch_s" in results[2]["timings"]

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--no-ablations", action="store_true", help="skip the ablations")
     m.add_argument("--no-judge", action="store_true", help="skip decoding and the judge (embedding metrics only)")
     m.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    m.add_argument("--workers", type=int, default=None,
+                   help="processes that train, score and decode the priors in parallel (default 1; on a 2-core "
+                        "machine 2 with 1 thread each is fastest); results do not depend on it")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=run_benchmark_cmd)
 
@@ -136,6 +139,7 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
     overrides = {
         "holdout_file": args.holdout_file, "seeds": args.seeds, "clip": args.clip, "decoder": args.decoder,
         "judge": args.judge, "steps": args.steps, "train_size": args.train_size, "threads": args.threads,
+        "workers": args.workers,
         "decode_per_cell": args.decode_per_cell, "decoder_steps": args.decoder_steps,
         "decoder_guidance": args.decoder_guidance, "contrast_lam": args.contrast_lam,
         "ablation_seeds": args.ablation_seeds, "second_preset": args.second_preset,

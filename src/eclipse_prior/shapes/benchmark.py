@@ -177,6 +177,7 @@ class BenchmarkConfig:
     judge_ablations: bool = True
     judge_text: bool = True
     threads: int | None = None
+    workers: int = 1
     quick: bool = False
     val_prompts: str | None = None  # prompts decoded while ECLIPSE priors train (TensorBoard, RUN/val_images); demo
     val_images_every: int = 0
@@ -209,6 +210,8 @@ class BenchmarkConfig:
             raise ConfigError("the main comparison needs the paper's objectives: projection, diffusion, eclipse")
         if any(e < 1 for e in self.epochs) or any(n < 1 for n in self.train_sizes) or self.hard_negatives < 1:
             raise ConfigError("--epochs, --train-sizes and --hard-negatives must be >= 1")
+        if self.workers < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError("--workers and --threads must be >= 1")
         if any(lam < 0 for lam in self.lams) or self.contrast_lam < 0:
             raise ConfigError("--lams and --contrast-lam must be >= 0")
         if self.train_size not in self.train_sizes:
@@ -444,6 +447,8 @@ class Benchmark:
 
         c = self.cfg
         t_start = time.time()
+        if c.workers > 1:
+            self.prefetch()
         main: dict[str, list[dict]] = {row: [] for row in ALL_ROWS
                                        if row in (ROW_TEXT, ROW_ORACLE) or row in self._labels()}
         specs = self.main_specs()
@@ -534,8 +539,7 @@ class Benchmark:
         c = self.cfg
         out: dict[str, Any] = {}
         lam_rows = []
-        for lam in c.lams:  # every seed: whether the contrastive term helps is the paper's central claim
-            specs = [self.spec("eclipse", s, lam=lam) for s in range(c.seeds)]
+        for lam, specs in self._lam_specs():  # every seed: whether the contrastive term helps is the central claim
             lam_rows.append({"lam": lam, **self._grad_ratio(specs), **self.ablation_row(specs)})
         out["lam"] = lam_rows
         step_rows = []
@@ -544,28 +548,101 @@ class Benchmark:
                     for s in range(c.seeds)]
             step_rows.append({"steps": steps, **_aggregate(vals)})
         out["diffusion_steps"] = step_rows
+        out["train_size"] = [
+            {"train_size": specs[0].train_size, "epochs": round(specs[0].steps * c.batch_size / specs[0].train_size, 1),
+             "steps": specs[0].steps, "model": OBJECTIVE_LABELS[specs[0].objective], **self.ablation_row(specs)}
+            for specs in self._grid_specs()
+        ]
+        if c.second_preset:
+            out["network"] = []
+            for specs in self._network_specs():
+                row = self.ablation_row(specs)  # trains them: the size is read from the run afterwards
+                out["network"].append({"preset": specs[0].preset, "model": OBJECTIVE_LABELS[specs[0].objective],
+                                       "parameters": _parameters(self.out / "runs" / specs[0].name), **row})
+        return out
+
+    def _lam_specs(self) -> list[tuple[float, list[PriorSpec]]]:
+        return [(lam, [self.spec("eclipse", s, lam=lam) for s in range(self.cfg.seeds)]) for lam in self.cfg.lams]
+
+    def _grid_specs(self) -> list[list[PriorSpec]]:
+        """Training-set size x training length, one list of seeds per row (lengths only at one size)."""
+        c = self.cfg
         seeds = range(min(c.ablation_seeds, c.seeds))
-        grid = []
         at = c.epochs_train_size or min(c.train_sizes)  # long runs cost steps ~ epochs x size: a small set
+        rows = []
         for n in c.train_sizes:
             budgets = {c.steps, *(max(1, math.ceil(e * n / c.batch_size)) for e in c.epochs if n == at)}
             for steps in sorted(budgets):
                 for objective in c.ablation_objectives:
                     if objective == "ridge" and steps != c.steps:  # closed form: no training length
                         continue
-                    specs = [self.spec(objective, s, train_size=n, steps=steps) for s in seeds]
-                    grid.append({"train_size": n, "epochs": round(steps * c.batch_size / n, 1), "steps": steps,
-                                 "model": OBJECTIVE_LABELS[specs[0].objective], **self.ablation_row(specs)})
-        out["train_size"] = grid
-        if c.second_preset:
-            out["network"] = []
-            for preset in (c.second_preset, c.preset):
-                for objective in c.ablation_objectives:
-                    specs = [self.spec(objective, s, preset=preset) for s in seeds]
-                    row = self.ablation_row(specs)  # trains them: the size is read from the run afterwards
-                    out["network"].append({"preset": preset, "model": OBJECTIVE_LABELS[specs[0].objective],
-                                           "parameters": _parameters(self.out / "runs" / specs[0].name), **row})
-        return out
+                    rows.append([self.spec(objective, s, train_size=n, steps=steps) for s in seeds])
+        return rows
+
+    def _network_specs(self) -> list[list[PriorSpec]]:
+        c = self.cfg
+        seeds = range(min(c.ablation_seeds, c.seeds))
+        return [[self.spec(objective, s, preset=preset) for s in seeds]
+                for preset in (c.second_preset, c.preset) if preset for objective in c.ablation_objectives]
+
+    # --- parallel prefetch ------------------------------------------------------------------------------
+    def planned_work(self) -> tuple[list[tuple[PriorSpec, bool]], list[tuple[str, int]]]:
+        """Every prior ``run`` needs (with whether it is decoded and judged) and every decoded row that needs no
+        prior of its own (text embedding, oracle), in the order ``run`` meets them."""
+        c = self.cfg
+        judged_main = c.judge_part
+        judged_ablation = c.judge_part and c.judge_ablations
+        work: dict[PriorSpec, bool] = {spec: judged_main for spec in self.main_specs()}
+        if c.ablations:
+            groups = [specs for _, specs in self._lam_specs()] + self._grid_specs() + self._network_specs()
+            for spec in (s for specs in groups for s in specs):
+                work[spec] = work.get(spec, False) or judged_ablation
+        given = [] if not c.judge_part else [
+            (row, seed) for seed in range(c.seeds) for row in ((ROW_TEXT,) if c.judge_text else ()) + (ROW_ORACLE,)]
+        return list(work.items()), given
+
+    def prefetch(self) -> None:
+        """Train, score and decode every planned prior in ``cfg.workers`` processes, so that ``run`` only reads
+        caches. Each item writes its own files (run folder, evals/<name>.json, one decode .npz), so items never
+        share an output; the stores are made first, here, so workers only read them."""
+        import multiprocessing
+
+        from eclipse_prior.outputs import progress as progress_bar
+
+        c = self.cfg
+        work, given = self.planned_work()
+        for n in sorted({spec.train_size for spec, _ in work}):
+            self.store_for(n)
+        work.sort(key=lambda item: -_cost(item[0]))  # longest first: the pool ends with short items
+        threads = c.threads or max(1, (os.cpu_count() or 1) // c.workers)
+        t0 = time.time()
+        with multiprocessing.get_context("spawn").Pool(c.workers, _worker_start, (c, threads)) as pool:
+            phases = [[("spec", spec, judged) for spec, judged in work],
+                      [("given", row, seed) for row, seed in given]]  # these decode with the first main prior
+            for items in phases:
+                done = pool.imap_unordered(_worker_item, items)
+                for name in progress_bar(done, total=len(items), desc=f"priors ({c.workers} workers)", unit="item",
+                                         enabled=self.progress):
+                    if not self.progress:
+                        self.log(f"done {name}")
+        self.timings["prefetch_s"] = round(time.time() - t0, 1)
+
+    def work_item(self, kind: str, what: Any, extra: Any) -> str:
+        """One prefetch item: a prior trained, scored (diffusion at every ablated step count) and judged, or a
+        text/oracle row decoded and judged. Returns its name."""
+        c = self.cfg
+        if kind == "given":
+            row, seed = what, extra
+            idx = self.decode_indices()
+            first = self.out / "runs" / self.main_specs()[0].name
+            embeds = self.text["text_embeds"][idx] if row == ROW_TEXT else self.oracle_embeds(seed)[idx]
+            self.decode_and_judge(row, seed, first, embeds)
+            return f"{row} s{seed}"
+        spec, judged = what, extra
+        self.evaluate_spec(spec, c.diffusion_steps if c.ablations and spec.objective == "diffusion" else ())
+        if judged:
+            self.judge_spec(spec)
+        return spec.name
 
     def ablation_row(self, specs: Sequence[PriorSpec]) -> dict[str, Any]:
         """Embedding metrics over the specs' seeds, plus judge accuracy on decodes when ``judge_ablations``."""
@@ -722,6 +799,26 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print, prog
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return Benchmark(cfg, log, progress).run()
+
+
+_WORKER: Benchmark | None = None
+
+
+def _worker_start(cfg: BenchmarkConfig, threads: int) -> None:
+    """A prefetch process: its own torch threads and its own Benchmark over the same folder (caches on disk)."""
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Benchmark(cfg, log=lambda _: None, progress=False)
+
+
+def _worker_item(item: tuple[str, Any, Any]) -> str:
+    assert _WORKER is not None
+    return _WORKER.work_item(*item)
+
+
+def _cost(spec: PriorSpec) -> float:
+    """Relative cost of a prefetch item, for ordering: training steps, the diffusion prior's sampling on top."""
+    return 0.0 if spec.objective == "ridge" else spec.steps * (2 if spec.objective == "diffusion" else 1)
 
 
 
