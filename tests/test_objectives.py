@@ -181,6 +181,17 @@ def test_train_each_objective_through_the_cli(objective, tmp_path, capsys):
     text = torch.randn(2, 32)
     states = torch.randn(2, 8, 32) if prior.uses_text_states else None
     assert prior.generate_embeds(text, states).shape == (2, 32)
+    if objective in ("ridge", "residual"):  # exported under their own class, with a card that says what they are
+        exported = tmp_path / "export"
+        assert main(["export", str(run), "--out", str(exported)]) == 0
+        config = json.loads((exported / "config.json").read_text())
+        assert config["_class_name"] == expected.__name__
+        card = (exported / "README.md").read_text()
+        assert f"`{expected.__name__}`" in card and "not the released ECLIPSE format" in card
+        again = load_prior(exported)
+        assert type(again) is expected
+        seeded = [m.generate_embeds(text, states, generator=torch.Generator().manual_seed(0)) for m in (again, prior)]
+        assert torch.equal(*seeded)  # the export holds the run's final (EMA) weights
 
 
 def test_ridge_fit_claims_its_run_folder_like_a_trained_run(tmp_path, capsys):

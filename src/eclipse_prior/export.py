@@ -67,6 +67,14 @@ def model_card(run_dir: Path, use_ema: bool, prior: Any) -> str:
     objective = cfg.get("objective", "?")
     if objective == "diffusion":
         layout = "the paper's Diffusion-Baseline, saved in diffusers format."
+    elif type(prior).__name__ in ("LinearPrior", "ResidualPrior"):
+        layout = (
+            f"a `{type(prior).__name__}` (`--objective {objective}`: "
+            + ("a linear map of the pooled CLIP text embedding, fitted in closed form" if objective == "ridge"
+               else "the ECLIPSE network predicting a correction to a learned linear map of the pooled text embedding")
+            + "), not the released ECLIPSE format: load it with `eclipse_prior.load_prior` or generate with "
+            "`eclipse-prior generate --prior THIS_FOLDER` (Kandinsky v2.2 or Karlo decoder)."
+        )
     elif is_pooled_only(prior):
         layout = (
             "**pooled-only**: it reads only the pooled CLIP text embedding, not the per-token states. It is saved "

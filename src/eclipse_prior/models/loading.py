@@ -27,7 +27,9 @@ _CLASSES: dict[str, type[EclipsePrior] | type[DiffusionPrior] | type[LinearPrior
 _LOCAL_HINT = "pass a local folder path instead (a training run dir or an exported prior folder)"
 
 
-def prior_class_for_config(config: dict[str, Any], source: str) -> type[EclipsePrior] | type[DiffusionPrior]:
+def prior_class_for_config(
+    config: dict[str, Any], source: str
+) -> type[EclipsePrior] | type[DiffusionPrior] | type[LinearPrior]:
     """Pick the class from `_class_name`; the released ECLIPSE configs say "PriorTransformer".
 
     A PriorTransformer config with time-embedding fields is a diffusion prior in diffusers' own format
@@ -43,7 +45,7 @@ def prior_class_for_config(config: dict[str, Any], source: str) -> type[EclipseP
                 f"Kandinsky's own), not an ECLIPSE prior; load it with diffusers"
             )
         return EclipsePrior
-    raise ConfigError(f"{source}: config class {name!r} is not a prior (expected EclipsePrior, DiffusionPrior or PriorTransformer)")
+    raise ConfigError(f"{source}: config class {name!r} is not a prior (expected {', '.join(_CLASSES)} or PriorTransformer)")
 
 
 def check_prior_config(cls: type, config: dict[str, Any], source: str) -> None:
