@@ -54,10 +54,11 @@ def test_quick_demo_writes_report_and_grid(tmp_path):
         assert pixels.std() > 5  # decoded images, not blank cells
         # pictures during ECLIPSE's training: its held-out prompts decoded at steps 6, 12, 18 and 20
         rounds = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/val_images/step-*.png"))
-        assert [r.split("/")[0] for r in rounds] == ["eclipse-lam0.2-tiny-n200-s0"] * 4
+        eclipse_run = "eclipse-lam0.2-tiny-n200-s0-st20-pooled"  # the demo's priors read the pooled embedding
+        assert [r.split("/")[0] for r in rounds] == [eclipse_run] * 4
         assert [r.split("/")[-1] for r in rounds] == [f"step-{s:07d}.png" for s in (6, 12, 18, 20)]
         assert (out / "val_prompts.txt").read_text().splitlines() == list(PROMPTS[1:4])  # all three held out
-        logged = list((out / "runs" / "eclipse-lam0.2-tiny-n200-s0" / "logs").rglob("events.out.tfevents.*"))
+        logged = list((out / "runs" / eclipse_run / "logs").rglob("events.out.tfevents.*"))
         assert logged
         assert len(list((out / "runs").glob("*/curves.png"))) == 3
     else:

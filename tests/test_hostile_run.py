@@ -376,6 +376,7 @@ def test_export_into_a_cloned_repository_keeps_every_foreign_file(finished_run, 
     assert {k: v for k, v in after.items() if k in foreign} == foreign  # not one byte of theirs changed
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md"} <= set(after)
     assert not [k for k in after if "tmp" in k]
+    assert not (repo / LOCK_NAME).exists()  # the folder is the user's: the export's lock file goes with it
     assert load_prior(repo).config.embedding_dim == 32
     # exporting again replaces our own files without --overwrite
     assert main(_export_argv(finished_run, repo, "--no-ema")) == 0

@@ -49,6 +49,19 @@ def test_claim_dir_is_released_when_the_holder_is_killed(tmp_path):
         pass
 
 
+def test_claim_dir_remove_lock_leaves_no_file_and_the_next_claim_holds(tmp_path):
+    out = tmp_path / "export"
+    with claim_dir(out, "first", remove_lock=True):
+        with pytest.raises(OutputBusyError):
+            with claim_dir(out, "second"):
+                pass
+    assert not (out / LOCK_NAME).exists()
+    with claim_dir(out, "third"):  # a fresh lock file, held as usual
+        with pytest.raises(OutputBusyError, match="third"):
+            with claim_dir(out, "fourth"):
+                pass
+
+
 def test_claim_dir_refuses_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

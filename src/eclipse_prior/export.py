@@ -208,7 +208,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, o
             prior.load_state_dict(_raw_weights(run_dir))
         except RuntimeError as err:
             raise ConfigError(f"{run_dir}: the checkpoint's raw weights do not fit prior/ ({err})") from err
-    with claim_dir(out_dir, f"export {run_dir}"):
+    with claim_dir(out_dir, f"export {run_dir}", remove_lock=True):
         foreign = foreign_files(out_dir)
         if foreign and not overwrite:
             raise ConfigError(

@@ -58,25 +58,20 @@ def _holder(lock_path: Path) -> str:
 
 
 @contextmanager
-def claim_dir(path: str | Path, command: str) -> Iterator[Path]:
+def claim_dir(path: str | Path, command: str, remove_lock: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on folder ``path`` (created if missing) while the block runs.
 
     The lock is ``flock`` on ``path/.eclipse-prior.lock``; the file also records who holds it, so the refusal can
     name the holder. Locks are per open file description, so a second claim from the same process is refused too.
+    ``remove_lock``: delete the lock file on release (an export folder is the user's, not ours). A lock file may
+    thus vanish, so a claim holds only if the file it locked is still the one at the path (else it tries again).
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise EclipsePriorError(f"{folder} exists and is not a folder; choose another output path")
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputBusyError(
-            f"{folder} is in use by {_holder(lock_path)}; wait for it to finish or choose another output folder"
-        ) from None
+    fd = _lock_current_file(lock_path, folder)
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -86,8 +81,32 @@ def claim_dir(path: str | Path, command: str) -> Iterator[Path]:
         yield folder
     finally:
         _HELD.discard(fd)
+        if remove_lock:  # still held: a claim that opened this file meanwhile sees it gone and tries again
+            lock_path.unlink(missing_ok=True)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _lock_current_file(lock_path: Path, folder: Path) -> int:
+    """Open and flock ``lock_path``; retried while the locked file is not the one now at the path (its holder
+    removed it between our open and our lock)."""
+    for _ in range(100):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(
+                f"{folder} is in use by {_holder(lock_path)}; wait for it to finish or choose another output folder"
+            ) from None
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+    raise OutputBusyError(f"{folder}: its lock file keeps being replaced; is another command claiming it in a loop?")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

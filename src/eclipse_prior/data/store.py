@@ -505,15 +505,21 @@ class EmbeddingStore:
     # --- access ------------------------------------------------------------------------------------------------
     def _array(self, shard: int, key: str) -> np.ndarray:
         arr = self._arrays.get((shard, key))
-        if arr is None:
-            file = self.path / self._shards[shard]["name"] / f"{key}.npy"
-            try:
-                arr = np.load(file, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise StoreError(
-                    f"store {self.path}: shard {self._shards[shard]['name']}: cannot read {file.name} ({err})"
-                ) from err
-            self._arrays[(shard, key)] = arr
+        if arr is not None:
+            return arr
+        # Opened once, by one reader thread at a time: np.load parses the header with ast.literal_eval, which
+        # CPython 3.11 (seen on 3.11.7) can fail with "AST constructor recursion depth mismatch" when threads race.
+        with self._lock:
+            arr = self._arrays.get((shard, key))
+            if arr is None:
+                file = self.path / self._shards[shard]["name"] / f"{key}.npy"
+                try:
+                    arr = np.load(file, mmap_mode="r", allow_pickle=False)
+                except (OSError, ValueError) as err:
+                    raise StoreError(
+                        f"store {self.path}: shard {self._shards[shard]['name']}: cannot read {file.name} ({err})"
+                    ) from err
+                self._arrays[(shard, key)] = arr
         return arr
 
     def _concat(self, key: str) -> np.ndarray:
