@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from eclipse_prior.errors import ConfigError, ModelNotFoundError
-from eclipse_prior.outputs import write_json_atomic
+from eclipse_prior.outputs import write_json_atomic, write_text_atomic
 from eclipse_prior.shapes.holdout import load_holdout
 from eclipse_prior.shapes.metrics import (
     SPLITS,
@@ -379,7 +379,7 @@ class Benchmark:
         bank = build_bank(self.eval_set, self.clip.vision_model, self.clip.image_processor, self.cfg.bank_renders)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in bank.tensors().items()}, str(path))
-        path.with_suffix(".json").write_text(json.dumps(bank.keys))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(bank.keys))
         return bank
 
     # --- rows ---------------------------------------------------------------------------------------------
@@ -495,25 +495,23 @@ class Benchmark:
         c = self.cfg
         self.timings["total_s"] = round(time.time() - t_start + self.timings["eval_set_and_bank_s"], 1)
         results["partial"] = partial
-        log_path = self.out / "invocations.json"
-        if partial:
-            (self.out / "results.md").write_text(results_markdown(results | {"timings": dict(self.timings)}))
-            write_json_atomic(self.out / "results.json", results | {"timings": dict(self.timings)})
-            return results
-        invocations = (_read_json(log_path) or []) + [{
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": self.timings["total_s"],
-            "seeds": c.seeds, "ablations": c.ablations, "judge_part": c.judge_part}]
-        write_json_atomic(log_path, invocations)
-        self.timings["all_invocations_s"] = round(sum(i["seconds"] for i in invocations), 1)
+        if not partial:  # a finished invocation is logged, with every run's training time
+            log_path = self.out / "invocations.json"
+            invocations = (_read_json(log_path) or []) + [{
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": self.timings["total_s"],
+                "seeds": c.seeds, "ablations": c.ablations, "judge_part": c.judge_part}]
+            write_json_atomic(log_path, invocations)
+            self.timings["all_invocations_s"] = round(sum(i["seconds"] for i in invocations), 1)
+            results["invocations"] = invocations
+            results["train_seconds"] = {
+                p.name.removesuffix(".seconds.json"): _read_json(p)["seconds"]
+                for p in sorted((self.out / "runs").glob("*.seconds.json"))
+            }
         results["timings"] = dict(self.timings)
-        results["invocations"] = invocations
-        results["train_seconds"] = {
-            p.name.removesuffix(".seconds.json"): _read_json(p)["seconds"]
-            for p in sorted((self.out / "runs").glob("*.seconds.json"))
-        }
         write_json_atomic(self.out / "results.json", results)
-        (self.out / "results.md").write_text(results_markdown(results))
-        plot_results(results, self.out)
+        write_text_atomic(self.out / "results.md", results_markdown(results))
+        if not partial:
+            plot_results(results, self.out)
         return results
 
     def _main_grad_ratios(self, specs: Sequence[PriorSpec]) -> dict[str, Any]:
@@ -633,10 +631,7 @@ class Benchmark:
         c = self.cfg
         if kind == "given":
             row, seed = what, extra
-            idx = self.decode_indices()
-            first = self.out / "runs" / self.main_specs()[0].name
-            embeds = self.text["text_embeds"][idx] if row == ROW_TEXT else self.oracle_embeds(seed)[idx]
-            self.decode_and_judge(row, seed, first, embeds)
+            self.decode_and_judge(row, seed, self.out / "runs" / self.main_specs()[0].name, self._given(row, seed))
             return f"{row} s{seed}"
         spec, judged = what, extra
         self.evaluate_spec(spec, c.diffusion_steps if c.ablations and spec.objective == "diffusion" else ())
@@ -732,6 +727,12 @@ class Benchmark:
         scores["judge_soft"] = scores.pop("composition_soft")
         return cell_means(scores, captions), images
 
+    def _given(self, row: str, seed: int) -> torch.Tensor:
+        """Embeddings of the decoded captions for a row without a prior of its own: the raw text embedding, or
+        (oracle) a fresh render's."""
+        idx = self.decode_indices()
+        return self.text["text_embeds"][idx] if row == ROW_TEXT else self.oracle_embeds(seed)[idx]
+
     def judge_spec(self, spec: PriorSpec) -> dict[str, dict[str, float]] | None:
         """Judge cells of one trained prior (trained first if needed)."""
         self.evaluate_spec(spec)
@@ -759,9 +760,8 @@ class Benchmark:
         for spec in decoder_runs:
             jobs.append((OBJECTIVE_LABELS[spec.objective], spec.seed, self.out / "runs" / spec.name, None))
         for seed in range(c.seeds):
-            if c.judge_text:
-                jobs.append((ROW_TEXT, seed, first_run, self.text["text_embeds"][idx]))
-            jobs.append((ROW_ORACLE, seed, first_run, self.oracle_embeds(seed)[idx]))
+            for row in ((ROW_TEXT,) if c.judge_text else ()) + (ROW_ORACLE,):
+                jobs.append((row, seed, first_run, self._given(row, seed)))
         from eclipse_prior.outputs import progress as progress_bar
 
         for row, seed, run_dir, given in progress_bar(jobs, desc="decode+judge", unit="row", enabled=self.progress):
