@@ -298,3 +298,12 @@ def test_workers_give_the_same_results_as_one_process(tmp_path):
     assert results[2]["main"] == results[1]["main"]
     assert results[2]["ablations"] == results[1]["ablations"]
     assert "prefetch_s" in results[2]["timings"]
+
+
+def test_size_probe_of_a_folder_without_runs_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from eclipse_prior.cli import main
+
+    assert main(["shapes", "size-probe", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no runs/" in err and "\n" not in err
+    assert not (tmp_path / "none").exists()

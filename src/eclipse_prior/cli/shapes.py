@@ -199,6 +199,8 @@ def run_size_probe(args: argparse.Namespace) -> int:
 
     if args.seeds < 1 or args.train < 10:
         raise ConfigError("--seeds must be >= 1 and --train >= 10")
+    if not (Path(args.out) / "runs").is_dir():  # before anything is loaded, rendered or written there
+        raise ConfigError(f"{args.out} is not a `shapes benchmark` output folder (no runs/); run the benchmark first")
     saved = Path(args.out) / "results.json"  # the folder's own settings (eval set, preset, steps) when it has them
     fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     config = {k: tuple(v) if isinstance(v, list) else v
